@@ -1,0 +1,290 @@
+"""Run configs: one JSON with sections model/velora/data/optim/train/deepspeed, typed and validated.
+
+Every error is a `ConfigError` whose message is one line naming the file, the key and what was
+expected, so `train_c4.py` can print it and exit without a traceback.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model import LlamaConfig
+from velora.config import VeLoRAConfig
+
+
+class ConfigError(ValueError):
+    """A bad run config or override; the message is meant to be shown to the user as is."""
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from and how it becomes fixed-length token sequences (see data/)."""
+
+    source: str = "builtin"          # builtin | c4 | local (a directory of C4 shards in data.path)
+    path: str = ""                   # for source=local: directory holding c4-train.*.json.gz
+    tokenizer: str = "builtin"       # builtin | t5-base | path to a sentencepiece .model
+    seq_len: int = 256
+    packing: str = "concat"          # concat (documents joined with EOS) | galore (truncate + pad)
+    shuffle_buffer: int = 10000
+    seed: int = 42
+    val_tokens: int = 10_000_000     # the fixed validation slice (GaLore evaluates 10M tokens)
+    num_workers: int = 0
+    cache_dir: str = ""              # builtin corpus/tokenizer cache; default $VELORA_CACHE or ~/.cache/velora
+    max_bad_fraction: float = 0.01   # more malformed lines than this is an error
+
+    def __post_init__(self):
+        _choice("data.source", self.source, ("builtin", "c4", "local"))
+        _choice("data.packing", self.packing, ("concat", "galore"))
+        if self.source == "local" and not self.path:
+            raise ConfigError("data.path: required when data.source is 'local' (a directory of C4 shards)")
+        for name in ("seq_len", "val_tokens"):
+            _positive(f"data.{name}", getattr(self, name))
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and LR schedule. GaLore's knobs apply to galore_* optimizers only."""
+
+    name: str = "adamw"              # adamw | adafactor | galore_adamw | galore_adafactor
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: str = "cosine"        # cosine (linear warmup, cosine to min_lr_ratio) | constant
+    warmup_ratio: float = 0.1
+    min_lr_ratio: float = 0.1
+    galore_rank: int = 128
+    galore_update_proj_gap: int = 200
+    galore_scale: float = 0.25
+    galore_proj_type: str = "std"
+    galore_targets: list = field(default_factory=lambda: ["attn", "mlp"])
+
+    def __post_init__(self):
+        _choice("optim.name", self.name, ("adamw", "adafactor", "galore_adamw", "galore_adafactor"))
+        _choice("optim.scheduler", self.scheduler, ("cosine", "constant"))
+        _positive("optim.lr", self.lr)
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"optim.warmup_ratio: expected a value in [0, 1), got {self.warmup_ratio}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio: expected a value in [0, 1], got {self.min_lr_ratio}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas: expected two numbers, got {self.betas}")
+
+
+@dataclass
+class TrainConfig:
+    """The loop: how long, where outputs go, and how often to log, evaluate and checkpoint."""
+
+    max_steps: int = 1000
+    output_dir: str = "runs/default"
+    eval_every: int = 1000
+    save_every: int = 1000
+    log_every: int = 10
+    keep_last: int = 3
+    seed: int = 42
+    eval_batch_size: int = 0         # 0: the micro-batch size
+
+    def __post_init__(self):
+        for name in ("max_steps", "eval_every", "save_every", "log_every", "keep_last"):
+            _positive(f"train.{name}", getattr(self, name))
+        if not self.output_dir:
+            raise ConfigError("train.output_dir: must not be empty")
+
+
+@dataclass
+class RunConfig:
+    model: LlamaConfig
+    velora: VeLoRAConfig
+    data: DataConfig
+    optim: OptimConfig
+    train: TrainConfig
+    deepspeed: dict
+    source: str = ""                 # the file it was loaded from (for messages)
+
+    def to_dict(self) -> dict:
+        d = {name: dataclasses.asdict(getattr(self, name)) for name in ("model", "velora", "data", "optim", "train")}
+        d["deepspeed"] = copy.deepcopy(self.deepspeed)
+        return d
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config (after overrides) as JSON, atomically."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+SECTIONS = {"model": LlamaConfig, "velora": VeLoRAConfig, "data": DataConfig, "optim": OptimConfig,
+            "train": TrainConfig, "deepspeed": dict}
+
+
+def _choice(key, value, allowed):
+    if value not in allowed:
+        raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
+
+
+def _positive(key, value):
+    if value <= 0:
+        raise ConfigError(f"{key}: must be positive, got {value}")
+
+
+def _type_ok(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, origin or hint)
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) is not None and typing.get_args(hint):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint))
+
+
+def _build_section(name: str, cls, raw, where: str):
+    if cls is dict:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: section '{name}' must be a JSON object")
+        return copy.deepcopy(raw)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: section '{name}' must be a JSON object, got {type(raw).__name__}")
+    if cls is LlamaConfig:
+        hints = typing.get_type_hints(cls)
+        for key, value in raw.items():
+            if key in hints and not _type_ok(value, hints[key]):
+                raise ConfigError(f"{where}: model.{key}: expected {_type_name(hints[key])}, got {value!r}")
+        try:
+            return LlamaConfig.from_dict(raw)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
+                          f"known: {', '.join(sorted(hints))}")
+    values = {}
+    for key, value in raw.items():
+        if not _type_ok(value, hints[key]):
+            raise ConfigError(f"{where}: {name}.{key}: expected {_type_name(hints[key])}, got {value!r}")
+        values[key] = float(value) if hints[key] is float else value
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def parse_override(text: str):
+    """`section.key[.sub]=value` -> (path list, value). Values parse as JSON where they can
+    (ints, floats, true/false, lists), `[a,b]` as a list of strings, anything else as a string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set train.max_steps=200")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if any(not p for p in path):
+        raise ConfigError(f"--set {text!r}: empty name in {key!r}; expected section.key=value")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        if raw.startswith("[") and raw.endswith("]"):
+            value = [_scalar(v.strip()) for v in raw[1:-1].split(",") if v.strip()]
+        else:
+            value = raw
+    return path, value
+
+
+def _scalar(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `--set` overrides to a raw config dict (before validation); returns a new dict."""
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        if path[0] not in SECTIONS:
+            raise ConfigError(f"--set {text!r}: unknown section {path[0]!r}; sections: {', '.join(SECTIONS)}")
+        if path[0] != "deepspeed" and len(path) != 2:
+            raise ConfigError(f"--set {text!r}: expected {path[0]}.key=value (one level below the section)")
+        node = raw.setdefault(path[0], {})
+        for p in path[1:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: {p!r} is not an object in the config")
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Load a run config (or a bare GaLore model JSON, taken as the `model` section), apply
+    `--set` overrides, and validate every section."""
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise ConfigError(f"{where}: config file not found (the configs/ directory has the shipped ones)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a JSON object with sections {', '.join(SECTIONS)}")
+    if "hidden_size" in raw:  # a bare GaLore/HF model config
+        raw = {"model": raw}
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}; sections: {', '.join(SECTIONS)}")
+    raw = apply_overrides(raw, list(overrides))
+    built = {name: _build_section(name, cls, raw.get(name, {}), where) for name, cls in SECTIONS.items()}
+    return RunConfig(**built, source=where)
+
+
+def resolve_batch(ds: dict, world_size: int) -> tuple[int, int, int, str]:
+    """Check DeepSpeed's batch triple against the world size, filling in the one missing value.
+
+    Returns (global batch, micro batch per rank, accumulation steps, a note naming what was derived).
+    """
+    g = ds.get("train_batch_size")
+    m = ds.get("train_micro_batch_size_per_gpu")
+    a = ds.get("gradient_accumulation_steps")
+    for key, v in (("train_batch_size", g), ("train_micro_batch_size_per_gpu", m),
+                   ("gradient_accumulation_steps", a)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise ConfigError(f"deepspeed.{key}: expected a positive int, got {v!r}")
+    if g is None and m is None:
+        raise ConfigError("deepspeed: set train_batch_size or train_micro_batch_size_per_gpu")
+    note = ""
+    if g is not None and m is not None and a is None:
+        if g % (m * world_size):
+            raise ConfigError(f"deepspeed.train_batch_size={g} is not divisible by train_micro_batch_size_per_gpu={m}"
+                              f" x world size {world_size}; change one of them")
+        a, note = g // (m * world_size), "gradient_accumulation_steps"
+    elif g is not None and m is None:
+        a = a or 1
+        if g % (a * world_size):
+            raise ConfigError(f"deepspeed.train_batch_size={g} is not divisible by gradient_accumulation_steps={a}"
+                              f" x world size {world_size}; change one of them")
+        m, note = g // (a * world_size), "train_micro_batch_size_per_gpu"
+    elif g is None:
+        a = a or 1
+        g, note = m * a * world_size, "train_batch_size"
+    elif g != m * a * world_size:
+        raise ConfigError(f"deepspeed: train_batch_size={g} != train_micro_batch_size_per_gpu={m} x "
+                          f"gradient_accumulation_steps={a} x world size {world_size}; drop one to derive it")
+    return g, m, a, (f"derived {note} from the other two and world size {world_size}" if note else "")
