@@ -1,0 +1,182 @@
+"""training.export and training.load: transformers reads our export with our logits; DeepSpeed
+checkpoints of ZeRO 0/2/3 consolidate on CPU to the trained weights; bad input gives one-line errors."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from ckpt_helpers import (add_velora_like_buffers, deepspeed_checkpoints, write_corpus, write_run_config,
+                          write_tokenizer)
+from model import LlamaForCausalLM
+from training.config import load_config
+from training.errors import CheckpointError
+from training.export import save_final
+from training.load import load_model, resolve_checkpoint
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("export")
+    tok = write_tokenizer(d / "sp.model")
+    rc_file = write_run_config(d / "run_config.json", tok, write_corpus(d / "docs.jsonl"), d / "run")
+    rc = load_config(rc_file)
+    torch.manual_seed(0)
+    model = add_velora_like_buffers(LlamaForCausalLM(rc.model))
+    final = save_final(model, rc, tok, d / "run" / "final")
+    return {"dir": d, "tok": tok, "rc_file": rc_file, "rc": rc, "model": model, "final": final}
+
+
+@pytest.fixture(scope="module")
+def ds_runs(setup):
+    return deepspeed_checkpoints(setup["rc_file"], setup["tok"], setup["dir"] / "ds")
+
+
+def ids(vocab=128):
+    return torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+def test_export_layout_is_a_plain_llama(setup):
+    final = setup["final"]
+    assert sorted(p.name for p in final.parent.iterdir()) == ["final"]  # no temporary directory left
+    assert sorted(p.name for p in final.iterdir()) == ["config.json", "model.safetensors", "run_config.json",
+                                                       "tokenizer.model"]
+    from safetensors.torch import load_file
+    tensors = load_file(final / "model.safetensors")
+    assert not [k for k in tensors if k.endswith((".v", ".initialized"))]
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    assert json.loads((final / "config.json").read_text()) == setup["rc"].model.to_hf_dict()
+    assert (final / "tokenizer.model").read_bytes() == setup["tok"].read_bytes()
+
+
+def test_transformers_loads_export_with_our_logits(setup):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(setup["final"])
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(ids()).logits, setup["model"].eval()(ids()), atol=1e-5, rtol=0)
+
+
+def test_reexport_replaces_atomically(setup, tmp_path):
+    out = tmp_path / "final"
+    save_final(setup["model"], setup["rc"], setup["tok"], out)
+    (out / "stale.txt").write_text("old")
+    save_final(setup["model"].state_dict(), setup["rc"], setup["tok"], out, dtype=torch.bfloat16)
+    assert not (out / "stale.txt").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_load_final_and_run_dir(setup):
+    for path in (setup["final"], setup["final"].parent):  # a run dir prefers final/
+        model, rc, tok = load_model(path)
+        assert rc.model == setup["rc"].model and not model.training
+        assert tok.model_path and open(tok.model_path, "rb").read() == setup["tok"].read_bytes()
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids()), setup["model"](ids()), atol=0, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_load_deepspeed_checkpoints(ds_runs, stage, caplog):
+    run = ds_runs[stage]
+    ref = torch.load(run / "ref.pt", weights_only=True)
+    tag = run / "checkpoints" / "step_1"
+    for path in (tag, run / "checkpoints", run):  # tag dir, checkpoints/ (latest), run dir without final/
+        assert resolve_checkpoint(path).dir == tag
+        model, rc, _ = load_model(path)
+        sd = model.state_dict()
+        for k, v in sd.items():
+            torch.testing.assert_close(v, ref[k].float(), atol=0, rtol=0, msg=k)
+    assert "no final/ export" in caplog.text  # says it fell back to a DeepSpeed directory
+
+
+# ---- bad input: one line naming the file -------------------------------------------------------------
+
+def one_line(excinfo, *fragments):
+    msg = str(excinfo.value)
+    assert "\n" not in msg
+    for f in fragments:
+        assert str(f) in msg, (f, msg)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path)
+    one_line(e, tmp_path, "not a checkpoint")
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "missing")
+    one_line(e, tmp_path / "missing", "no such directory")
+
+
+def copy_final(setup, tmp_path):
+    return shutil.copytree(setup["final"], tmp_path / "final")
+
+
+def test_truncated_safetensors(setup, tmp_path):
+    final = copy_final(setup, tmp_path)
+    f = final / "model.safetensors"
+    os.truncate(f, f.stat().st_size // 2)
+    with pytest.raises(CheckpointError) as e:
+        load_model(final)
+    one_line(e, f, "truncated")
+
+
+def test_config_weights_mismatch(setup, tmp_path):
+    final = copy_final(setup, tmp_path)
+    raw = json.loads((final / "run_config.json").read_text())
+    raw["model"]["intermediate_size"] = 96
+    (final / "run_config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError) as e:
+        load_model(final)
+    one_line(e, final / "model.safetensors", "shape mismatch", "mlp.gate_proj.weight")
+
+    raw["model"]["intermediate_size"] = 64
+    raw["model"]["num_hidden_layers"] = 3
+    (final / "run_config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError) as e:
+        load_model(final)
+    one_line(e, final / "model.safetensors", "missing tensor", "model.layers.2.")
+
+
+def test_unexpected_tensor(setup, tmp_path):
+    from safetensors.torch import load_file, save_file
+    final = copy_final(setup, tmp_path)
+    tensors = load_file(final / "model.safetensors")
+    save_file({**tensors, "model.extra.weight": torch.zeros(2)}, final / "model.safetensors")
+    with pytest.raises(CheckpointError) as e:
+        load_model(final)
+    one_line(e, final / "model.safetensors", "unexpected tensor", "model.extra.weight")
+
+
+def test_missing_companion_files(setup, tmp_path):
+    final = copy_final(setup, tmp_path)
+    (final / "tokenizer.model").unlink()
+    with pytest.raises(CheckpointError) as e:
+        load_model(final)
+    one_line(e, final / "tokenizer.model", "not found")
+    (final / "run_config.json").unlink()
+    with pytest.raises(CheckpointError) as e:
+        load_model(final)
+    one_line(e, final / "run_config.json", "not found")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,name", [(0, "mp_rank_00_model_states.pt"),
+                                        (2, "zero_pp_rank_0_mp_rank_00_optim_states.pt")])
+def test_truncated_deepspeed_file(ds_runs, tmp_path, stage, name):
+    run = shutil.copytree(ds_runs[stage], tmp_path / "run")
+    f = run / "checkpoints" / "step_1" / name
+    os.truncate(f, f.stat().st_size - 100)
+    with pytest.raises(CheckpointError) as e:
+        load_model(run / "checkpoints" / "step_1")
+    one_line(e, f, "truncated")
+
+
+@pytest.mark.slow
+def test_latest_names_a_missing_tag(ds_runs, tmp_path):
+    run = shutil.copytree(ds_runs[0], tmp_path / "run")
+    (run / "checkpoints" / "latest").write_text("step_9")
+    with pytest.raises(CheckpointError) as e:
+        load_model(run)
+    one_line(e, run / "checkpoints" / "latest", "step_9")
