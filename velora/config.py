@@ -5,6 +5,12 @@ from dataclasses import dataclass, field
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PRESETS = {"none": (), "paper": ("v_proj", "down_proj"), "all": PROJECTIONS}
+# Projections that read one tensor: compressing only part of a group frees nothing for that input.
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# The official script's grouping (sub_token_size 0): a fixed number of sub-tokens per input,
+# 64 for attention-width inputs and 86 for the MLP width (M = 8 and 16 on llama_60m).
+PAPER_SUB_TOKENS = {"down_proj": 86}
+PAPER_SUB_TOKENS_DEFAULT = 64
 
 
 @dataclass
@@ -68,3 +74,12 @@ class VeLoRAConfig:
     @property
     def enabled(self) -> bool:
         return bool(self.target_list)
+
+    def sub_token_for(self, name: str, in_features: int) -> int:
+        """M for projection `name` (an HF name) reading `in_features`-wide inputs."""
+        if name in self.sub_token_overrides:
+            return self.sub_token_overrides[name]
+        if self.sub_token_size:
+            return self.sub_token_size
+        groups = PAPER_SUB_TOKENS.get(name, PAPER_SUB_TOKENS_DEFAULT)
+        return -(-in_features // groups)
