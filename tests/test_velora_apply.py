@@ -81,3 +81,20 @@ def test_partial_group_and_missing_targets_warn():
     assert summary.freed_bytes_per_token() < 0 and "NO (partial group)" in str(summary)
     _, summary = apply_velora(torch.nn.Sequential(torch.nn.Linear(4, 4)), VeLoRAConfig(targets="all"))
     assert summary.modules == [] and "no nn.Linear named q_proj" in summary.warnings[0]
+
+
+def test_activation_checkpointing_recompute_does_not_update_v_again():
+    cfg = VeLoRAConfig(targets="all", sub_token_size=8, init="ema:0.5")
+    ids = torch.randint(0, 128, (2, 16))
+    runs = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**TINY, activation_checkpointing=ckpt))
+        model, _ = apply_velora(model, cfg)
+        for _ in range(2):
+            _loss(model, ids).backward()
+        runs.append(model)
+    for a, b in zip(runs[0].state_dict().items(), runs[1].state_dict().items()):
+        torch.testing.assert_close(a[1], b[1], msg=a[0])
+    for a, b in zip(runs[0].parameters(), runs[1].parameters()):
+        torch.testing.assert_close(a.grad, b.grad)

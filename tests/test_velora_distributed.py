@@ -1,0 +1,40 @@
+"""Two gloo processes fed different first batches end with the same v (statistics reduced first)."""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from velora import VeLoRALinear
+
+
+def _batch(rank):
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(4 + 2 * rank, 20, generator=g) + (rank + 1.0) * torch.arange(20) / 10
+
+
+def _worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        layers = [VeLoRALinear(20, 3, sub_token_size=8), VeLoRALinear(20, 3, sub_token_size=8, rank=2)]
+        for layer in layers:
+            layer(_batch(rank).requires_grad_()).sum().backward()
+        torch.save([layer.v for layer in layers], f"{out_dir}/v{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ranks_with_different_batches_agree_on_v(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    v0, v1 = (torch.load(tmp_path / f"v{r}.pt", weights_only=True) for r in (0, 1))
+    for a, b in zip(v0, v1):
+        assert torch.equal(a, b)
+    # Rank 1: the mean sub-token over both ranks' tokens (zero-padded tail), normalised.
+    x = torch.cat([_batch(0), _batch(1)])
+    sub = F.pad(x, (0, 4)).reshape(-1, 8)
+    torch.testing.assert_close(v0[0][0], F.normalize(sub.mean(0), dim=0))
+    alone = F.normalize(F.pad(_batch(0), (0, 4)).reshape(-1, 8).mean(0), dim=0)
+    assert not torch.allclose(v0[0][0], alone, atol=1e-3)
