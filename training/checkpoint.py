@@ -1,0 +1,230 @@
+"""Atomic DeepSpeed checkpoints with everything needed to continue a run exactly.
+
+Layout under `<output_dir>/checkpoints/`:
+  step_N/              DeepSpeed's files (model, optimizer, LR scheduler; VeLoRA's v buffers are
+                       module buffers, so they are in the module state) plus ours:
+                       trainer_state_rank{r}.json (step, tokens seen, this rank's data iterator
+                       position and RNG states), run_config.json, tokenizer.model
+  latest               the tag of the newest complete checkpoint (DeepSpeed's format)
+
+A save goes to `step_N.tmp/`, every file is fsynced, the directory is renamed to `step_N/`, and only
+then is `latest` replaced (write + fsync + rename). A kill at any instant therefore leaves `latest`
+naming a complete checkpoint. Older checkpoints beyond `train.keep_last` are renamed away before
+they are deleted, so a half-deleted directory never looks like a checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .distributed import barrier
+from .errors import CheckpointError
+
+TAG_RE = re.compile(r"^step_(\d+)$")
+RUN_CONFIG = "run_config.json"
+
+
+def rank_state_name(rank: int) -> str:
+    return f"trainer_state_rank{rank}.json"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch CPU (and CUDA) generator states as JSON-friendly lists."""
+    py = random.getstate()
+    npy = np.random.get_state()
+    state = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [npy[0], npy[1].tolist(), int(npy[2]), int(npy[3]), float(npy[4])],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npy = state["numpy"]
+    np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def step_dirs(ckpt_root: Path) -> list[Path]:
+    """Checkpoint directories step_N, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_root.iterdir() if (m := TAG_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def clean_stale(ckpt_root: Path) -> None:
+    """Remove leftovers of interrupted saves and deletions (rank 0 only, before training)."""
+    if ckpt_root.is_dir():
+        for p in ckpt_root.iterdir():
+            if p.is_dir() and (p.name.endswith(".tmp") or p.name.endswith(".trash")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def save_checkpoint(engine, ckpt_root: Path, step: int, rank_state: dict, *, rank: int, run_config,
+                    tokenizer_path: str | None, keep_last: int) -> Path:
+    """Save step `step` atomically (all ranks call this) and return the final directory."""
+    tag = f"step_{step}"
+    tmp, final = ckpt_root / f"{tag}.tmp", ckpt_root / tag
+    try:
+        if rank == 0:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        engine.save_checkpoint(str(ckpt_root), tag=tmp.name, client_state={"step": step}, save_latest=False)
+        atomic_write_text(tmp / rank_state_name(rank), json.dumps(rank_state))
+        if rank == 0:
+            run_config.save(tmp / RUN_CONFIG)
+            if tokenizer_path:
+                shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        barrier()
+        if rank == 0:
+            _commit(tmp, final, ckpt_root)
+            prune(ckpt_root, keep_last)
+        barrier()
+    except OSError as e:
+        previous = read_latest(ckpt_root)
+        raise CheckpointError(f"saving checkpoint {tag} in {ckpt_root} failed ({e.strerror or e}); "
+                              f"the previous checkpoint {previous or '(none)'} is intact; free space or fix "
+                              f"permissions, then resume with --resume auto") from None
+    return final
+
+
+def _commit(tmp: Path, final: Path, ckpt_root: Path) -> None:
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(tmp)
+    if final.exists():  # re-saving a step (e.g. after resuming from an older checkpoint)
+        final.rename(final.with_name(final.name + ".trash"))
+    tmp.rename(final)
+    fsync_dir(ckpt_root)
+    atomic_write_text(ckpt_root / "latest", final.name)
+    shutil.rmtree(final.with_name(final.name + ".trash"), ignore_errors=True)
+
+
+def prune(ckpt_root: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints (never the one `latest` names)."""
+    latest = read_latest(ckpt_root)
+    for p in step_dirs(ckpt_root)[:-keep_last]:
+        if p.name != latest:
+            trash = p.with_name(p.name + ".trash")
+            p.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+
+def read_latest(ckpt_root: Path) -> str | None:
+    f = ckpt_root / "latest"
+    return f.read_text().strip() if f.is_file() else None
+
+
+def problem(step_dir: Path, world_size: int) -> str | None:
+    """Why `step_dir` cannot be resumed by `world_size` processes, or None when it looks complete."""
+    if not step_dir.is_dir():
+        return "does not exist"
+    missing = [n for n in [RUN_CONFIG] + [rank_state_name(r) for r in range(world_size)]
+               if not (step_dir / n).is_file()]
+    if not any(step_dir.glob("*model_states.pt")):
+        missing.append("*model_states.pt")
+    if missing:
+        return f"missing {', '.join(missing)}"
+    try:
+        saved_world = json.loads((step_dir / rank_state_name(0)).read_text())["world_size"]
+    except (ValueError, KeyError) as e:
+        return f"unreadable {rank_state_name(0)} ({e})"
+    if saved_world != world_size:
+        return (f"written by {saved_world} processes, this run has {world_size}; resume with the same number "
+                f"of processes")
+    return None
+
+
+def find_resume(resume: str, ckpt_root: Path, world_size: int) -> tuple[Path | None, list[str]]:
+    """Resolve `--resume auto|PATH` to a checkpoint directory (or None: start fresh) and notes.
+
+    `auto` takes the checkpoint `latest` names, falling back to the newest complete older one when
+    it is unusable. PATH may be a step directory, a checkpoints directory or a run directory.
+    """
+    notes = []
+    if resume != "auto":
+        path = Path(resume)
+        for root in (path, path / "checkpoints"):
+            if (root / "latest").is_file():
+                path = root / read_latest(root)
+                break
+        why = problem(path, world_size)
+        if why:
+            raise CheckpointError(f"--resume {resume}: {path} is not a usable checkpoint ({why}); "
+                                  f"pass a checkpoints/step_N directory or --resume auto")
+        return path, notes
+    latest = read_latest(ckpt_root)
+    candidates = step_dirs(ckpt_root)[::-1]
+    if latest:
+        candidates = [ckpt_root / latest] + [p for p in candidates if p.name != latest]
+    for path in candidates:
+        why = problem(path, world_size)
+        if why is None:
+            return path, notes
+        notes.append(f"warning: skipping checkpoint {path} ({why})")
+    notes.append(f"--resume auto: no usable checkpoint in {ckpt_root}; starting fresh")
+    return None, notes
+
+
+def check_compatible(step_dir: Path, run_config) -> list[str]:
+    """Refuse a checkpoint whose model or VeLoRA setup differs; list other changed settings."""
+    saved = json.loads((step_dir / RUN_CONFIG).read_text())
+    now = run_config.to_dict()
+    for section in ("model", "velora"):
+        diff = sorted(k for k in set(saved[section]) | set(now[section])
+                      if saved[section].get(k) != now[section].get(k))
+        if diff:
+            raise CheckpointError(f"{step_dir}: the checkpoint's {section} differs from this run's in "
+                                  f"{', '.join(f'{section}.{k}' for k in diff)}; resume with the config it was "
+                                  f"written with ({step_dir / RUN_CONFIG})")
+    changed = sorted(f"{s}.{k}" for s in ("data", "optim", "train") for k in set(saved[s]) | set(now[s])
+                     if saved[s].get(k) != now[s].get(k))
+    if saved["deepspeed"] != now["deepspeed"]:
+        changed.append("deepspeed")
+    return [f"note: resuming with changed settings: {', '.join(changed)}"] if changed else []
+
+
+def load_checkpoint(engine, step_dir: Path, rank: int) -> dict:
+    """Load model, optimizer and scheduler into `engine` and return this rank's trainer state."""
+    path, _ = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise CheckpointError(f"{step_dir}: DeepSpeed could not load this checkpoint; resume from an older "
+                              f"one with --resume {step_dir.parent}/step_N")
+    return json.loads((step_dir / rank_state_name(rank)).read_text())

@@ -1,0 +1,138 @@
+"""What a run reports: TensorBoard scalars, `train_log.jsonl`, a tqdm bar and a summary line.
+
+Only rank 0 writes. On resume, records past the restored step (written by the interrupted run after
+its last checkpoint) are dropped from `train_log.jsonl` and TensorBoard, so both read as one run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+# Dense peak TFLOP/s per GPU by device-name substring (first match wins): (bf16, tf32).
+PEAK_TFLOPS = [("H200", 989.0, 494.7), ("H100 PCIe", 756.0, 378.0), ("H100", 989.0, 494.7),
+               ("A100", 312.0, 156.0), ("L40S", 362.0, 183.0), ("A6000", 154.8, 77.4), ("L4", 121.0, 60.0),
+               ("A10", 125.0, 62.5)]
+
+
+def flops_per_token(model_cfg, n_params_no_embed: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls (N = parameters except the input embedding) plus
+    12 x layers x hidden x seq_len for attention scores and values (PaLM's appendix B)."""
+    c = model_cfg
+    return 6.0 * n_params_no_embed + 12.0 * c.num_hidden_layers * c.hidden_size * c.max_sequence_length
+
+
+def peak_flops(device: torch.device, bf16: bool) -> tuple[float | None, str]:
+    """(peak FLOP/s of one device, label) for MFU; (None, reason) when not known."""
+    if device.type != "cuda":
+        return None, "MFU: not reported on CPU"
+    name = torch.cuda.get_device_name(device)
+    for key, p16, p32 in PEAK_TFLOPS:
+        if key in name:
+            peak, kind = (p16, "bf16") if bf16 else (p32, "tf32")
+            return peak * 1e12, f"MFU against {name}'s dense {kind} peak of {peak:g} TFLOP/s"
+    return None, f"MFU: peak FLOP/s of {name} unknown, not reported"
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak memory so far: CUDA allocated/reserved on GPU, process peak RSS on CPU (bytes)."""
+    if device.type == "cuda":
+        return {"mem/cuda_max_allocated": torch.cuda.max_memory_allocated(device),
+                "mem/cuda_max_reserved": torch.cuda.max_memory_reserved(device)}
+    return {"mem/peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _count(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+class Metrics:
+    """Per-step and per-evaluation reporting for rank 0 (a no-op on other ranks)."""
+
+    def __init__(self, run_dir: Path, *, is_main: bool, max_steps: int, start_step: int, log_every: int,
+                 device: torch.device, flops_per_token: float, peak: float | None, world_size: int,
+                 extra: dict | None = None):
+        self.is_main, self.log_every, self.device = is_main, log_every, device
+        self.max_steps, self.flops_per_token, self.peak, self.world = max_steps, flops_per_token, peak, world_size
+        self.extra = extra or {}  # constant scalars logged with every step (e.g. VeLoRA stored bytes)
+        self.bar = self.tb = self.log = None
+        if not is_main:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        log_path = run_dir / "train_log.jsonl"
+        _truncate_log(log_path, start_step)
+        self.log = open(log_path, "a")
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
+                        mininterval=1.0, dynamic_ncols=True)
+
+    def print(self, msg: str) -> None:
+        """Print a line on rank 0 without breaking the progress bar."""
+        if self.is_main:
+            (self.bar.write if self.bar is not None else print)(msg)
+            sys.stdout.flush()
+
+    def _record(self, record: dict) -> None:
+        self.log.write(json.dumps(record) + "\n")
+        self.log.flush()
+
+    def train_step(self, step: int, *, loss: float, lr: float, grad_norm: float | None, tokens_seen: int,
+                   step_tokens: int, step_time: float) -> None:
+        if not self.is_main:
+            return
+        tok_s = step_tokens / max(step_time, 1e-9)
+        scalars = {"train/loss": loss, "train/ppl": math.exp(min(loss, 700.0)), "train/lr": lr,
+                   "train/tokens_seen": tokens_seen, "perf/tokens_per_s": tok_s, "perf/step_time_s": step_time,
+                   **peak_memory(self.device), **self.extra}
+        if grad_norm is not None:
+            scalars["train/grad_norm"] = grad_norm
+        if self.peak:
+            scalars["perf/mfu"] = tok_s * self.flops_per_token / (self.peak * self.world)
+        for k, v in scalars.items():
+            self.tb.add_scalar(k, v, step)
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if step % self.log_every == 0 or step == self.max_steps:
+            self._record({"kind": "train", "step": step, **{k.split("/", 1)[1]: v for k, v in scalars.items()}})
+            mem = " | ".join(f"{k.split('/', 1)[1]} {_gib(v)}" for k, v in peak_memory(self.device).items())
+            self.print(f"step {step}/{self.max_steps} | loss {loss:.4f} | lr {lr:.3e} | grad norm "
+                       f"{'-' if grad_norm is None else f'{grad_norm:.3f}'} | {_count(tok_s)} tok/s | "
+                       f"{step_time:.2f} s/step | {mem} | tokens {_count(tokens_seen)}"
+                       + (f" | MFU {scalars['perf/mfu']:.1%}" if self.peak else ""))
+
+    def evaluation(self, step: int, result: dict) -> None:
+        if not self.is_main:
+            return
+        for k in ("loss", "ppl", "galore_ppl"):
+            self.tb.add_scalar(f"eval/{k}", result[k], step)
+        self._record({"kind": "eval", "step": step, **result})
+        self.print(f"eval at step {step}: loss {result['loss']:.4f} | ppl {result['ppl']:.2f} (token-weighted) | "
+                   f"galore_ppl {result['galore_ppl']:.2f} (GaLore's batches+1 figure) | {result['tokens']} tokens")
+
+    def close(self) -> None:
+        if self.is_main:
+            self.bar.close()
+            self.tb.close()
+            self.log.close()

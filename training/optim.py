@@ -1,0 +1,89 @@
+"""Optimizers for `optim.name`, and the checks that must pass before anything is built.
+
+- `adamw`: torch.optim.AdamW, or DeepSpeed's own when the `deepspeed` section has an "optimizer" key.
+- `adafactor`: torch.optim.Adafactor. Under ZeRO >= 1 DeepSpeed hands it one flattened tensor, so it
+  runs (we set `zero_allow_untested_optimizer`) but no longer factors its second moment.
+- `galore_adamw` / `galore_adafactor`: galore-torch with GaLore's two parameter groups: the 2-D
+  weights of modules whose name contains one of `optim.galore_targets` ("attn", "mlp") get the
+  low-rank projection, every other parameter is optimized as usual.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .config import ConfigError, RunConfig
+
+GALORE = ("galore_adamw", "galore_adafactor")
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def check_optimizer_config(cfg: RunConfig) -> None:
+    """Refuse combinations that would only fail deep inside DeepSpeed or the optimizer."""
+    ds, name = cfg.deepspeed, cfg.optim.name
+    stage = zero_stage(ds)
+    if name in GALORE and stage >= 1:
+        raise ConfigError(f"optim.name={name} cannot run under ZeRO stage {stage}: GaLore projects 2-D gradients "
+                          f"and ZeRO >= 1 hands the optimizer flattened ones; use "
+                          f"--set deepspeed.zero_optimization.stage=0")
+    if "optimizer" in ds and name != "adamw":
+        raise ConfigError(f"deepspeed.optimizer is set, so DeepSpeed builds its own optimizer, but optim.name={name}; "
+                          f"remove deepspeed.optimizer or use optim.name=adamw")
+    if "scheduler" in ds:
+        raise ConfigError("deepspeed.scheduler: the LR schedule comes from optim.scheduler "
+                          "(cosine | constant); remove deepspeed.scheduler")
+
+
+def galore_param_groups(model: torch.nn.Module, optim_cfg) -> list[dict]:
+    """GaLore's groups: [plain parameters, projected 2-D weights of target modules]."""
+    projected = {}
+    for module_name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if (isinstance(weight, torch.nn.Parameter) and weight.dim() == 2
+                and any(t in module_name for t in optim_cfg.galore_targets)):
+            projected[id(weight)] = weight
+    if not projected:
+        raise ConfigError(f"optim.galore_targets={optim_cfg.galore_targets}: no module name contains any of them; "
+                          f"use names such as 'attn' and 'mlp'")
+    plain = [p for p in model.parameters() if id(p) not in projected]
+    return [{"params": plain},
+            {"params": list(projected.values()), "rank": optim_cfg.galore_rank,
+             "update_proj_gap": optim_cfg.galore_update_proj_gap, "scale": optim_cfg.galore_scale,
+             "proj_type": optim_cfg.galore_proj_type}]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> tuple[torch.optim.Optimizer | None, dict, list[str]]:
+    """Return (client optimizer or None when DeepSpeed builds its own, the deepspeed dict to pass to
+    deepspeed.initialize, notes to print). The returned dict is a copy; `cfg` is not modified."""
+    o, ds, notes = cfg.optim, copy.deepcopy(cfg.deepspeed), []
+    if "optimizer" in ds:
+        notes.append(f"optimizer: DeepSpeed's {ds['optimizer'].get('type')} (from deepspeed.optimizer); "
+                     f"optim.lr and betas are not used")
+        return None, ds, notes
+    if o.name == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                weight_decay=o.weight_decay)
+    elif o.name == "adafactor":
+        opt = torch.optim.Adafactor(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        if zero_stage(ds) >= 1:
+            ds["zero_allow_untested_optimizer"] = True
+            notes.append("warning: adafactor under ZeRO >= 1 sees flattened parameters and stops factoring its "
+                         "second moment (its memory advantage needs ZeRO stage 0)")
+    else:
+        from galore_torch import GaLoreAdafactor, GaLoreAdamW
+
+        groups = galore_param_groups(model, o)
+        if o.name == "galore_adamw":
+            opt = GaLoreAdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                              no_deprecation_warning=True)
+        else:
+            opt = GaLoreAdafactor(groups, lr=o.lr, weight_decay=o.weight_decay, relative_step=False,
+                                  scale_parameter=False, warmup_init=False)
+        n = sum(p.numel() for p in groups[1]["params"])
+        notes.append(f"optimizer: {o.name}, rank {o.galore_rank}, update_proj_gap {o.galore_update_proj_gap}, "
+                     f"scale {o.galore_scale}, {len(groups[1]['params'])} projected matrices ({n / 1e6:.2f}M params)")
+    return opt, ds, notes
