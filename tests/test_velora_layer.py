@@ -84,6 +84,10 @@ def test_state_dict_round_trip_keeps_v_and_initialized():
     v = b.v.clone()
     _step(b, torch.randn(3, 20) - 5)      # initialized: a resumed run does not re-initialise
     assert torch.equal(b.v, v)
+    b.load_state_dict(VeLoRALinear(20, 4, sub_token_size=8).state_dict())     # not initialised
+    x = torch.randn(3, 20) + 2
+    _step(b, x)
+    torch.testing.assert_close(b.v[0], F.normalize(_sub_tokens(x, 8).mean(0), dim=0))
 
 
 def test_default_sub_token_size_and_config_paper_grouping():

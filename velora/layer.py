@@ -68,6 +68,7 @@ class SubTokenBasis(nn.Module):
             self.v.copy_(torch.linalg.qr(v).Q.t())   # orthonormal rows (unit vectors for rank 1)
             self.initialized.fill_(True)
         self._cache = None
+        self._frozen = None           # Python copy of "v is final": avoids a device sync per forward
         self.last_stored_bytes = 0
 
     def extra_repr(self) -> str:
@@ -96,17 +97,24 @@ class SubTokenBasis(nn.Module):
         self.last_stored_bytes = coef.nbytes
         return coef
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._frozen = None
+
     @torch.no_grad()
     def _update(self, x: torch.Tensor):
-        if self.init == "random" or (self.init == "batch_average_once" and bool(self.initialized)):
+        if self._frozen is None:
+            self._frozen = self.init == "random" or (self.init == "batch_average_once" and bool(self.initialized))
+        if self._frozen:
             return
         stat = self._batch_statistic(x)
         if self.decay is not None:
-            if bool(self.initialized):
-                stat = self.decay * self.stat.float() + (1.0 - self.decay) * stat
+            ema = self.decay * self.stat.float() + (1.0 - self.decay) * stat
+            stat = torch.where(self.initialized, ema, stat)      # no host sync on GPU
             self.stat.copy_(stat)
         self.v.copy_(self._unit_vectors(stat))
         self.initialized.fill_(True)
+        self._frozen = self.init == "batch_average_once"
 
     def _batch_statistic(self, x: torch.Tensor) -> torch.Tensor:
         """Mean sub-token (rank 1) or mean sub-token outer product (rank > 1), in fp32, averaged over
