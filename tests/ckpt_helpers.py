@@ -49,12 +49,29 @@ def write_run_config(path: Path, tokenizer: Path, corpus: Path, output_dir: Path
     return path
 
 
-def add_velora_like_buffers(model):
-    """Buffers named as VeLoRA names its own (`v`, `initialized`): checkpoints carry them, exports must not."""
-    attn = model.model.layers[0].self_attn.v_proj
-    attn.register_buffer("v", torch.nn.functional.normalize(torch.randn(1, 8), dim=-1))
-    attn.register_buffer("initialized", torch.tensor(True))
+def with_velora(model):
+    """VeLoRA on v_proj and down_proj with v set by one training forward: checkpoints carry its
+    buffers (`...basis.v`, `...basis.initialized`), exports must not."""
+    from velora import VeLoRAConfig, apply_velora
+    apply_velora(model, VeLoRAConfig(targets="paper", sub_token_size=8))
+    model(torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(9)))
     return model
+
+
+def exported_run(d: Path) -> dict:
+    """A tokenizer, corpus and run config in `d`, and a tiny model (with VeLoRA applied)
+    exported to `d/run/final`."""
+    from model import LlamaForCausalLM
+    from training.config import load_config
+    from training.export import save_final
+    tok = write_tokenizer(d / "sp.model")
+    corpus = write_corpus(d / "docs.jsonl")
+    rc_file = write_run_config(d / "run_config.json", tok, corpus, d / "run")
+    rc = load_config(rc_file)
+    torch.manual_seed(0)
+    model = with_velora(LlamaForCausalLM(rc.model))
+    final = save_final(model, rc, tok, d / "run" / "final")
+    return {"dir": d, "tok": tok, "corpus": corpus, "rc_file": rc_file, "rc": rc, "model": model, "final": final}
 
 
 def deepspeed_checkpoints(run_config: Path, tokenizer: Path, root: Path, stages=(0, 2, 3)) -> dict:
@@ -84,7 +101,7 @@ def _make_ds(run_config, tokenizer, root, stages):
     for stage in stages:
         run = Path(root) / f"zero{stage}"
         torch.manual_seed(stage)
-        model = add_velora_like_buffers(LlamaForCausalLM(cfg.model))
+        model = with_velora(LlamaForCausalLM(cfg.model))
         ds = {"train_batch_size": 2, "gradient_clipping": 0.0, "zero_optimization": {"stage": stage},
               "steps_per_print": 10**9}
         engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),

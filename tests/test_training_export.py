@@ -7,10 +7,8 @@ import shutil
 import pytest
 import torch
 
-from ckpt_helpers import (add_velora_like_buffers, deepspeed_checkpoints, write_corpus, write_run_config,
-                          write_tokenizer)
+from ckpt_helpers import deepspeed_checkpoints, exported_run
 from model import LlamaForCausalLM
-from training.config import load_config
 from training.errors import CheckpointError
 from training.export import save_final
 from training.load import load_model, resolve_checkpoint
@@ -18,14 +16,7 @@ from training.load import load_model, resolve_checkpoint
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("export")
-    tok = write_tokenizer(d / "sp.model")
-    rc_file = write_run_config(d / "run_config.json", tok, write_corpus(d / "docs.jsonl"), d / "run")
-    rc = load_config(rc_file)
-    torch.manual_seed(0)
-    model = add_velora_like_buffers(LlamaForCausalLM(rc.model))
-    final = save_final(model, rc, tok, d / "run" / "final")
-    return {"dir": d, "tok": tok, "rc_file": rc_file, "rc": rc, "model": model, "final": final}
+    return exported_run(tmp_path_factory.mktemp("export"))
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +35,8 @@ def test_export_layout_is_a_plain_llama(setup):
                                                        "tokenizer.model"]
     from safetensors.torch import load_file
     tensors = load_file(final / "model.safetensors")
-    assert not [k for k in tensors if k.endswith((".v", ".initialized"))]
+    assert any(".basis." in k for k in setup["model"].state_dict())  # VeLoRA buffers exist...
+    assert set(tensors) == set(LlamaForCausalLM(setup["rc"].model).state_dict())  # ...and are not exported
     assert all(t.dtype == torch.float32 for t in tensors.values())
     assert json.loads((final / "config.json").read_text()) == setup["rc"].model.to_hf_dict()
     assert (final / "tokenizer.model").read_bytes() == setup["tok"].read_bytes()
