@@ -6,6 +6,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from .distributed import all_reduce_sum
+
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches) -> dict:
@@ -41,15 +43,12 @@ def evaluate(model: torch.nn.Module, batches) -> dict:
     # GaLore's evaluate_model starts its batch counter at 1, so it divides the summed per-batch mean
     # losses by (batches + 1); each rank computes that on its share and the ranks' figures are averaged.
     galore_loss = batch_loss_sum / (n_batches + 1)
-    world = 1
-    if dist.is_available() and dist.is_initialized():
-        world = dist.get_world_size()
-        # NCCL only reduces device tensors; gloo takes CPU ones. float64 keeps token counts exact.
-        t = torch.tensor([loss_sum, galore_loss, tokens, n_batches], dtype=torch.float64,
-                         device=device if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        loss_sum, galore_loss, tokens, n_batches = t.tolist()
-        tokens, n_batches = int(tokens), int(n_batches)
+    distributed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if distributed else 1
+    # NCCL only reduces device tensors; gloo takes CPU ones.
+    on = device if distributed and dist.get_backend() == "nccl" else torch.device("cpu")
+    loss_sum, galore_loss, tokens, n_batches = all_reduce_sum([loss_sum, galore_loss, tokens, n_batches], on)
+    tokens, n_batches = int(tokens), int(n_batches)
     galore_loss /= world
     if tokens == 0:
         raise ValueError("evaluate: the validation batches hold no predicted tokens (all labels are -100 "
