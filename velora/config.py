@@ -13,6 +13,21 @@ PAPER_SUB_TOKENS = {"down_proj": 86}
 PAPER_SUB_TOKENS_DEFAULT = 64
 
 
+def parse_init(init: str) -> float | None:
+    """Validate an init rule; returns the EMA decay for `ema:<decay>`, else None."""
+    if init in ("batch_average_once", "batch_average", "random"):
+        return None
+    if init.startswith("ema:"):
+        try:
+            decay = float(init[4:])
+        except ValueError:
+            decay = -1.0
+        if 0.0 < decay < 1.0:
+            return decay
+    raise ValueError(f"velora.init: expected batch_average_once, batch_average, ema:<decay in (0,1)> "
+                     f"or random, got {init!r}")
+
+
 @dataclass
 class VeLoRAConfig:
     """The run config's `velora` section.
@@ -57,15 +72,7 @@ class VeLoRAConfig:
             raise ValueError(f"velora.rank: must be >= 1, got {self.rank}")
         if self.coef_dtype not in ("compute", "int8"):
             raise ValueError(f"velora.coef_dtype: expected 'compute' or 'int8', got {self.coef_dtype!r}")
-        ok = self.init in ("batch_average_once", "batch_average", "random")
-        if self.init.startswith("ema:"):
-            try:
-                ok = 0.0 < float(self.init[4:]) < 1.0
-            except ValueError:
-                ok = False
-        if not ok:
-            raise ValueError(f"velora.init: expected batch_average_once, batch_average, ema:<decay in (0,1)> "
-                             f"or random, got {self.init!r}")
+        parse_init(self.init)
 
     @property
     def target_list(self) -> tuple:

@@ -9,25 +9,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import parse_init
 from .function import Coefficients, compress, velora_linear
-
-INIT_RULES = ("batch_average_once", "batch_average", "random")
-
-
-def _parse_init(init: str) -> float | None:
-    """Validate an init rule; returns the EMA decay for `ema:<decay>`, else None."""
-    if init in INIT_RULES:
-        return None
-    if init.startswith("ema:"):
-        try:
-            decay = float(init[4:])
-        except ValueError:
-            decay = -1.0
-        if 0.0 < decay < 1.0:
-            return decay
-    raise ValueError(f"VeLoRA init: expected batch_average_once, batch_average, ema:<decay in (0,1)> or "
-                     f"random, got {init!r}")
-
 
 def _inside_backward() -> bool:
     # True while autograd runs backward, e.g. when activation checkpointing recomputes a forward:
@@ -53,7 +36,7 @@ class SubTokenBasis(nn.Module):
                              f"lower the rank or raise the sub-token size")
         if coef_dtype not in ("compute", "int8"):
             raise ValueError(f"VeLoRA coef_dtype: expected 'compute' or 'int8', got {coef_dtype!r}")
-        self.decay = _parse_init(init)
+        self.decay = parse_init(init)
         self.width, self.sub_token_size, self.rank = width, sub_token_size, rank
         self.init, self.coef_dtype = init, coef_dtype
         self.num_sub_tokens = math.ceil(width / sub_token_size)
