@@ -13,39 +13,13 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data.config import DataConfig
 from model import LlamaConfig
 from velora.config import VeLoRAConfig
 
 
 class ConfigError(ValueError):
     """A bad run config or override; the message is meant to be shown to the user as is."""
-
-
-@dataclass
-class DataConfig:
-    """Where text comes from and how it becomes fixed-length token sequences (see data/)."""
-
-    source: str = "builtin"          # builtin | c4 | local (a directory of C4 shards in data.path)
-    path: str = ""                   # for source=local: directory holding c4-train.*.json.gz
-    tokenizer: str = "builtin"       # builtin | t5-base | path to a sentencepiece .model
-    seq_len: int = 256
-    packing: str = "concat"          # concat (documents joined with EOS) | galore (truncate + pad)
-    shuffle_buffer: int = 10000
-    seed: int = 42
-    val_tokens: int = 10_000_000     # the fixed validation slice (GaLore evaluates 10M tokens)
-    num_workers: int = 0
-    cache_dir: str = ""              # builtin corpus/tokenizer cache; default $VELORA_CACHE or ~/.cache/velora
-    max_bad_fraction: float = 0.01   # more malformed lines than this is an error
-
-    def __post_init__(self):
-        _choice("data.source", self.source, ("builtin", "c4", "local"))
-        _choice("data.packing", self.packing, ("concat", "galore"))
-        if self.source == "local" and not self.path:
-            raise ConfigError("data.path: required when data.source is 'local' (a directory of C4 shards)")
-        for name in ("seq_len", "val_tokens"):
-            _positive(f"data.{name}", getattr(self, name))
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
 
 
 @dataclass

@@ -1,0 +1,55 @@
+"""The data section of a run config, and the one error type of the data package."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """Bad data input or settings; the message is one line naming the culprit and the fix."""
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from and how it becomes fixed-length token sequences (see data/)."""
+
+    source: str = "builtin"          # builtin | c4 | local (data.path: a directory of C4 shards or one .json.gz/.jsonl file)
+    path: str = ""                   # for source=local
+    tokenizer: str = "builtin"       # builtin | t5-base | path to a sentencepiece .model
+    seq_len: int = 256
+    packing: str = "concat"          # concat (documents joined with EOS) | galore (truncate + pad)
+    shuffle_buffer: int = 10000      # documents per shuffled chunk (the unit of shuffling, sharding and resume)
+    seed: int = 42
+    val_tokens: int = 10_000_000     # the fixed validation slice (GaLore evaluates 10M tokens)
+    num_workers: int = 0
+    cache_dir: str = ""              # builtin corpus/tokenizer cache; default $VELORA_CACHE or ~/.cache/velora
+    max_bad_fraction: float = 0.01   # more malformed lines than this (per shard) is an error
+    epochs: int = 0                  # stop after this many passes over the train split; 0 = stream forever
+
+    def __post_init__(self):
+        _choice("data.source", self.source, ("builtin", "c4", "local"))
+        _choice("data.packing", self.packing, ("concat", "galore"))
+        if self.source == "local" and not self.path:
+            raise DataError("data.path: required when data.source is 'local' (a directory of C4 shards "
+                            "or one .json.gz/.jsonl file)")
+        for name in ("seq_len", "val_tokens", "shuffle_buffer"):
+            if getattr(self, name) <= 0:
+                raise DataError(f"data.{name}: must be positive, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise DataError(f"data.seq_len: must be at least 2, got {self.seq_len}")
+        for name in ("num_workers", "epochs"):
+            if getattr(self, name) < 0:
+                raise DataError(f"data.{name}: must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.max_bad_fraction < 1.0:
+            raise DataError(f"data.max_bad_fraction: expected a value in [0, 1), got {self.max_bad_fraction}")
+
+    @property
+    def cache_path(self) -> Path:
+        """Where the builtin corpus and tokenizers are cached."""
+        return Path(self.cache_dir or os.environ.get("VELORA_CACHE") or Path.home() / ".cache" / "velora")
+
+
+def _choice(key, value, allowed):
+    if value not in allowed:
+        raise DataError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")

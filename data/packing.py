@@ -1,0 +1,50 @@
+"""Packing token lists into fixed-length (input_ids, labels) rows; labels are -100 where there is no token.
+
+`concat` (default): every document is followed by EOS and the documents are joined into one stream
+cut into rows of `seq_len`; no BOS is added (EOS alone separates documents, so every position
+carries a real token and nothing is spent on a BOS after every EOS). The stream of one chunk of
+documents ends in a partial row, padded and masked, so that chunks pack independently (which is what
+makes sharding and resume exact; see data/stream.py).
+
+`galore`: GaLore's pipeline tokenizes each document with T5's tokenizer, `max_length=seq_len,
+truncation=True, padding="max_length"`: the tokens are cut to `seq_len - 1`, T5 appends EOS, the row
+is right-padded with the pad id, and the training loop sets labels to -100 where input_ids == pad.
+We do the same with any tokenizer (pad id, or EOS when it has none, as input filler), masking the
+padding by position. One document gives one row; no BOS (T5 has none).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+IGNORE = -100
+
+
+def pack_concat(docs: list[list[int]], seq_len: int, eos_id: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Join `docs` with EOS after each and cut into (n, seq_len) rows; the last row padded."""
+    lengths = np.fromiter((len(d) + 1 for d in docs), dtype=np.int64, count=len(docs))
+    total = int(lengths.sum())
+    rows = -(-total // seq_len)
+    flat = np.full(rows * seq_len, pad_id, dtype=np.int64)
+    if total:
+        flat[:total] = eos_id
+        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        body = np.concatenate([np.asarray(d, dtype=np.int64) for d in docs])
+        # positions of the document tokens: every position before `total` except the EOS slots
+        keep = np.ones(total, dtype=bool)
+        keep[starts + lengths - 1] = False
+        flat[:total][keep] = body
+    labels = flat.copy()
+    labels[total:] = IGNORE
+    return flat.reshape(rows, seq_len), labels.reshape(rows, seq_len)
+
+
+def pack_galore(docs: list[list[int]], seq_len: int, eos_id: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """One row per document: its first `seq_len - 1` tokens, EOS, then padding (labels -100)."""
+    inputs = np.full((len(docs), seq_len), pad_id, dtype=np.int64)
+    labels = np.full((len(docs), seq_len), IGNORE, dtype=np.int64)
+    for i, d in enumerate(docs):
+        n = min(len(d), seq_len - 1)
+        inputs[i, :n] = d[:n]
+        inputs[i, n] = eos_id
+        labels[i, :n + 1] = inputs[i, :n + 1]
+    return inputs, labels

@@ -1,0 +1,224 @@
+"""Training batches: shuffled, sharded across ranks and DataLoader workers, resumable, epoch after epoch.
+
+The unit of everything is the *chunk*: `data.shuffle_buffer` consecutive records of one shard.
+A chunk is read, its documents are shuffled (seeded by seed, epoch, shard and chunk), tokenized and
+packed on its own (data/packing.py). So the rows of a chunk do not depend on who reads it, and:
+
+- Sharding: there are N = world_size x max(num_workers, 1) readers; reader r*K + w is rank r's
+  worker w. Each epoch visits the shards in an order shuffled with seed + epoch. When the shards
+  split evenly (or there are >= 64 per reader), reader i reads the shards at positions p = i mod N
+  and nothing else (C4: 1024 train shards); otherwise every reader streams every shard and packs
+  only chunk k of shard position p when (p + k) mod N = i, other chunks being skipped unparsed.
+  In that mode a shard with fewer than N x shuffle_buffer records is cut into N chunks instead.
+  Readers see disjoint rows; their union is the single-reader stream whenever the chunking is the
+  same (every shard holds at least N x shuffle_buffer records, or shards split evenly).
+- Resume: a reader's position is (epoch, shard position, chunk, row). Restoring it skips whole
+  shards unopened (files) and the records of earlier chunks unparsed (local files: gzip only; the
+  Hub: streamed and dropped), then re-tokenizes one chunk, so a resumed run continues with exactly
+  the next unseen row.
+- Epochs: when a reader has read its part of the train split it starts the next epoch (shard order
+  and chunk shuffles reseeded with seed + epoch); `data.epochs` > 0 stops after that many.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import Counter
+from itertools import islice
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data.config import DataConfig, DataError
+from data.packing import IGNORE, pack_concat, pack_galore
+from data.sources import check_bad_fraction, parse_record, split_shards
+
+STATE_VERSION = 1
+VAL_CHUNK_DOCS = 4096   # validation chunking is fixed so the slice does not depend on data.shuffle_buffer
+log = logging.getLogger(__name__)
+
+
+def _shard_level(n_shards: int, n_readers: int) -> bool:
+    return n_shards >= n_readers and (n_shards % n_readers == 0 or n_shards >= 64 * n_readers)
+
+
+def read_rows(cfg: DataConfig, tokenizer, shards: list, reader: int, n_readers: int, pos: dict,
+              stats: Counter, chunk_docs: int, shuffle: bool = True, epochs: int = 0):
+    """Yield this reader's packed (input_ids, labels) rows (numpy, seq_len each) from `pos` on.
+
+    `pos` is updated in place to the position of the next row *before* each row is yielded, and
+    `stats` gets the counts of every finished chunk (so a saved `pos` + `stats` pair never counts a
+    chunk twice when it is re-read on resume); `pos["open"]` holds the counts of the current one.
+    """
+    pack = pack_galore if cfg.packing == "galore" else pack_concat
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    by_shard = _shard_level(len(shards), n_readers)
+    while not (epochs and pos["epoch"] >= epochs):
+        epoch = pos["epoch"]
+        order = list(range(len(shards)))
+        if shuffle:
+            random.Random(f"{cfg.seed}:{epoch}").shuffle(order)
+        yielded = (pos["shard"], pos["chunk"], pos["row"]) != (0, 0, 0)
+        for p in range(pos["shard"], len(shards)):
+            if by_shard and p % n_readers != reader:
+                continue
+            shard = shards[order[p]]
+            size = chunk_docs
+            if not by_shard and shard.count is not None:
+                size = max(1, min(size, math.ceil(shard.count() / n_readers)))
+            records, seen, k = shard.records(), Counter(), 0
+            while lines := list(islice(records, size)):
+                if (by_shard or (p + k) % n_readers == reader) and k >= pos["chunk"]:
+                    chunk = Counter()
+                    texts = [t for r in lines if (t := parse_record(r, chunk)) is not None]
+                    if shuffle:
+                        random.Random(f"{cfg.seed}:{epoch}:{shard.name}:{k}").shuffle(texts)
+                    ids = tokenizer.encode_batch(texts)
+                    chunk["docs"] += len(ids)
+                    if cfg.packing == "galore":
+                        chunk["truncated_docs"] += sum(len(d) >= cfg.seq_len for d in ids)
+                    inputs, labels = pack(ids, cfg.seq_len, tokenizer.eos_id, pad) if ids else ((), ())
+                    chunk["tokens"] += int((labels != IGNORE).sum()) if len(labels) else 0
+                    seen.update(chunk)
+                    pos["open"] = dict(chunk)
+                    for j in range(pos["row"], len(inputs) - 1):
+                        pos["row"] = j + 1
+                        yielded = True
+                        yield inputs[j], labels[j]
+                    stats.update(chunk)  # the chunk is done once its last row is out
+                    pos.update(chunk=k + 1, row=0, open={})
+                    if len(inputs):
+                        yielded = True
+                        yield inputs[-1], labels[-1]
+                k += 1
+            if k == 0:
+                stats["empty_shards"] += 1
+            check_bad_fraction(seen, shard.name, cfg.max_bad_fraction)
+            pos.update(shard=p + 1, chunk=0, row=0, open={})
+        if not yielded:
+            raise DataError(f"data: reader {reader} of {n_readers} got no documents in epoch {epoch} (the split "
+                            f"has too little text for {n_readers} readers); use fewer workers/ranks or more data")
+        pos.update(epoch=epoch + 1, shard=0, chunk=0, row=0, open={})
+
+
+def _start_pos() -> dict:
+    return {"epoch": 0, "shard": 0, "chunk": 0, "row": 0, "open": {}}
+
+
+class _Slots(IterableDataset):
+    """DataLoader worker w serves reader slot (first + w) mod K, so a resumed loader keeps the order."""
+
+    def __init__(self, owner: "TrainBatches", first: int):
+        self.owner, self.first = owner, first
+
+    def __iter__(self):
+        info = get_worker_info()
+        slot = (self.first + (info.id if info else 0)) % self.owner.slots
+        return self.owner._slot_batches(slot)
+
+
+class TrainBatches:
+    """Iterator of (input_ids, labels) LongTensors of shape (batch_size, seq_len) for one rank.
+
+    `.stats` counts what was read and skipped (docs, tokens, empty_docs, bad_json, bad_utf8,
+    missing_text, blank_lines, empty_shards, truncated_docs) and the current `epoch`.
+    `state_dict()` / `load_state_dict()` resume at the next unseen row (see the module docstring);
+    the state is per rank: save every rank's.
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer, batch_size: int, rank: int = 0, world_size: int = 1):
+        if batch_size <= 0 or not 0 <= rank < world_size:
+            raise DataError(f"data: bad batch_size={batch_size} / rank={rank} / world_size={world_size}")
+        self.cfg, self.tokenizer, self.batch_size = cfg, tokenizer, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.slots = max(cfg.num_workers, 1)
+        self.shards = split_shards(cfg, "train")
+        self._pos = [_start_pos() for _ in range(self.slots)]
+        self._stats = [Counter() for _ in range(self.slots)]
+        self._consumed = 0
+        self._it = None
+
+    def _slot_batches(self, slot: int):
+        pos, stats = self._pos[slot], self._stats[slot]
+        rows = read_rows(self.cfg, self.tokenizer, self.shards, self.rank * self.slots + slot,
+                         self.world_size * self.slots, pos, stats, self.cfg.shuffle_buffer, epochs=self.cfg.epochs)
+        while batch := list(islice(rows, self.batch_size)):
+            inputs, labels = _stack(batch)
+            yield inputs, labels, slot, {**pos, "open": dict(pos["open"])}, dict(stats)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._it is None:
+            if self.cfg.num_workers == 0:
+                self._it = self._slot_batches(0)
+            else:
+                self._it = iter(DataLoader(_Slots(self, self._consumed % self.slots), batch_size=None,
+                                           num_workers=self.cfg.num_workers))
+        inputs, labels, slot, pos, stats = next(self._it)
+        self._pos[slot], self._stats[slot] = pos, Counter(stats)
+        self._consumed += 1
+        return inputs, labels
+
+    @property
+    def stats(self) -> dict:
+        total = Counter()
+        for pos, stats in zip(self._pos, self._stats):
+            total.update(stats)
+            total.update(pos["open"])
+        return {**total, "epoch": min(p["epoch"] for p in self._pos)}
+
+    def _fingerprint(self) -> dict:
+        c = self.cfg
+        return {"source": c.source, "path": c.path, "seq_len": c.seq_len, "packing": c.packing, "seed": c.seed,
+                "shuffle_buffer": c.shuffle_buffer, "vocab_size": self.tokenizer.vocab_size,
+                "world_size": self.world_size, "num_workers": c.num_workers, "batch_size": self.batch_size}
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue with the next unseen row (small, JSON-serialisable)."""
+        return {"version": STATE_VERSION, "rank": self.rank, "consumed": self._consumed,
+                "setup": self._fingerprint(), "positions": [dict(p) for p in self._pos],
+                "stats": [dict(s) for s in self._stats]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` (from `state_dict()` of the same rank, in a run with the same data setup)."""
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"data state: version {state.get('version')!r} is not {STATE_VERSION}; "
+                            f"this checkpoint's data position cannot be restored")
+        if state["rank"] != self.rank:
+            raise DataError(f"data state: saved by rank {state['rank']}, loaded on rank {self.rank}; "
+                            f"give every rank its own state")
+        mine = self._fingerprint()
+        diff = [f"{k}={state['setup'].get(k)!r} (now {v!r})" for k, v in mine.items() if state["setup"].get(k) != v]
+        if diff:
+            raise DataError(f"data state: saved with {', '.join(diff)}; resume with the same data setup")
+        self._pos = [dict(p) for p in state["positions"]]
+        self._stats = [Counter(s) for s in state["stats"]]
+        self._consumed = state["consumed"]
+        self._it = None
+
+
+def validation_batches(cfg: DataConfig, tokenizer, batch_size: int, rank: int = 0, world_size: int = 1) -> list:
+    """This rank's share of the fixed validation slice: the first `cfg.val_tokens` tokens of the
+    validation split (shards by name, documents in file order, packed as in training), rows dealt
+    round-robin to ranks, in batches of `batch_size` (the last one may be smaller)."""
+    shards = split_shards(cfg, "validation")
+    rows, tokens = [], 0
+    for inputs, labels in read_rows(cfg, tokenizer, shards, 0, 1, _start_pos(), Counter(), VAL_CHUNK_DOCS,
+                                    shuffle=False, epochs=1):
+        if tokens >= cfg.val_tokens:
+            break
+        rows.append((inputs, labels))
+        tokens += int((labels != IGNORE).sum())
+    if tokens < cfg.val_tokens:
+        log.warning("data: the validation split has only %d tokens, fewer than data.val_tokens=%d; "
+                    "evaluating on all of it", tokens, cfg.val_tokens)
+    mine = rows[rank::world_size]
+    return [_stack(mine[i:i + batch_size]) for i in range(0, len(mine), batch_size)]
+
+
+def _stack(rows: list) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(np.stack([r[0] for r in rows])), torch.from_numpy(np.stack([r[1] for r in rows]))
