@@ -13,6 +13,32 @@ from torch.utils.checkpoint import checkpoint
 from .config import LlamaConfig
 
 
+class _RMSNormFn(torch.autograd.Function):
+    """weight * normalize(x), keeping only x and 1/rms for backward.
+
+    Plain autograd would also keep the normalised activations (D numbers per token per norm);
+    recomputing them in backward is one cheap elementwise pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        # Normalise in fp32 (as HF does) so bf16 runs do not lose the variance's precision.
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, rstd, weight)
+        return weight * (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, rstd, weight = ctx.saved_tensors
+        n = x.float() * rstd
+        g = grad.float()
+        grad_w = (g * n.to(x.dtype).float()).reshape(-1, n.shape[-1]).sum(0)
+        gn = g * weight.float()
+        grad_x = rstd * (gn - n * (gn * n).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_w.to(weight.dtype), None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -23,11 +49,7 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (as HF does) so bf16 runs do not lose the variance's precision.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return _RMSNormFn.apply(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -181,8 +203,9 @@ class LlamaForCausalLM(nn.Module):
         if labels is None:
             return self.lm_head(h)
         # Labels are aligned with the inputs; position t predicts token t+1 (HF's convention).
-        h = h[:, :-1].reshape(-1, h.shape[-1])
-        labels = labels[:, 1:].reshape(-1)
+        # Shift the labels rather than h: slicing h would copy the whole hidden state.
+        h = h.reshape(-1, h.shape[-1])
+        labels = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
         n_tokens = (labels != -100).sum().clamp(min=1)
         chunk = self.config.loss_chunk_size
         if not chunk or not torch.is_grad_enabled():
