@@ -18,7 +18,7 @@ import time
 from training.checkpoint import (check_compatible, clean_stale, find_resume, load_checkpoint, rng_state,
                                  save_checkpoint, set_rng_state)
 from training.config import ConfigError, load_config, resolve_batch
-from training.distributed import barrier, init_distributed, shutdown
+from training.distributed import barrier, init_distributed, launcher_env, shutdown
 from training.errors import CheckpointError
 from training.trainer import (RunError, Trainer, build_engine, build_model, check_model_data, check_output_dir,
                               describe, output_paths, seed_everything)
@@ -45,9 +45,9 @@ def train(args) -> None:
     check_optimizer_config(cfg)
     check_model_data(cfg)
     check_output_dir(cfg.train.output_dir, args.resume)
+    batch = resolve_batch(cfg.deepspeed, launcher_env(args.local_rank)[1])
     dist = init_distributed(args.local_rank)
     say = print if dist.is_main else (lambda *a, **k: None)
-    batch = resolve_batch(cfg.deepspeed, dist.world_size)
     global_batch, micro, accum, _ = batch
     cfg.deepspeed.update(train_batch_size=global_batch, train_micro_batch_size_per_gpu=micro,
                          gradient_accumulation_steps=accum)
@@ -99,17 +99,15 @@ def train(args) -> None:
     # --- the loop ---
     from training.evaluate import evaluate
     from training.metrics import Metrics, flops_per_token, peak_flops
+    from velora import stored_bytes
 
     bf16 = bool(cfg.deepspeed.get("bf16", {}).get("enabled"))
     n_no_embed = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     peak, mfu_label = peak_flops(dist.device, bf16)
     say(mfu_label)
-    extra = {}
-    if velora_summary is not None:
-        extra["mem/velora_stored_bytes"] = velora_summary.stored_bytes_per_token() * micro * cfg.data.seq_len
     metrics = Metrics(run_dir, is_main=dist.is_main, max_steps=cfg.train.max_steps, start_step=step,
                       log_every=cfg.train.log_every, device=dist.device, world_size=dist.world_size,
-                      flops_per_token=flops_per_token(cfg.model, n_no_embed), peak=peak, extra=extra)
+                      flops_per_token=flops_per_token(cfg.model, n_no_embed), peak=peak)
     trainer = Trainer(engine, iter(batches), accum, dist)
 
     def save(step):
@@ -127,14 +125,15 @@ def train(args) -> None:
             step += 1
             tokens_seen += step_tokens
             metrics.train_step(step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_seen=tokens_seen,
-                               step_tokens=step_tokens, step_time=time.perf_counter() - t0)
+                               step_tokens=step_tokens, step_time=time.perf_counter() - t0,
+                               velora_bytes=stored_bytes(engine.module) if velora_summary else None)
             if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
                 result = evaluate(engine.module, val_batches)
                 metrics.evaluation(step, result)
             if step % cfg.train.save_every == 0 or step == cfg.train.max_steps or step == args.stop_at:
                 save(step)
                 saved_at = step
-            if step == args.stop_at:
+            if step == args.stop_at and step < cfg.train.max_steps:
                 metrics.print(f"stopped after step {step} (--stop-at); continue with --resume auto")
                 return
     finally:

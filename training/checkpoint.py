@@ -104,6 +104,7 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, rank_state: dict, *, ran
             shutil.rmtree(tmp, ignore_errors=True)
         barrier()
         engine.save_checkpoint(str(ckpt_root), tag=tmp.name, client_state={"step": step}, save_latest=False)
+        tmp.mkdir(parents=True, exist_ok=True)
         atomic_write_text(tmp / rank_state_name(rank), json.dumps(rank_state))
         if rank == 0:
             run_config.save(tmp / RUN_CONFIG)
@@ -155,19 +156,21 @@ def problem(step_dir: Path, world_size: int) -> str | None:
     """Why `step_dir` cannot be resumed by `world_size` processes, or None when it looks complete."""
     if not step_dir.is_dir():
         return "does not exist"
+    state0 = step_dir / rank_state_name(0)
+    if state0.is_file():
+        try:
+            saved_world = json.loads(state0.read_text())["world_size"]
+        except (ValueError, KeyError) as e:
+            return f"unreadable {state0.name} ({e})"
+        if saved_world != world_size:
+            return (f"written by {saved_world} processes, this run has {world_size}; resume with the same "
+                    f"number of processes")
     missing = [n for n in [RUN_CONFIG] + [rank_state_name(r) for r in range(world_size)]
                if not (step_dir / n).is_file()]
     if not any(step_dir.glob("*model_states.pt")):
         missing.append("*model_states.pt")
     if missing:
         return f"missing {', '.join(missing)}"
-    try:
-        saved_world = json.loads((step_dir / rank_state_name(0)).read_text())["world_size"]
-    except (ValueError, KeyError) as e:
-        return f"unreadable {rank_state_name(0)} ({e})"
-    if saved_world != world_size:
-        return (f"written by {saved_world} processes, this run has {world_size}; resume with the same number "
-                f"of processes")
     return None
 
 

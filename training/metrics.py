@@ -71,11 +71,9 @@ class Metrics:
     """Per-step and per-evaluation reporting for rank 0 (a no-op on other ranks)."""
 
     def __init__(self, run_dir: Path, *, is_main: bool, max_steps: int, start_step: int, log_every: int,
-                 device: torch.device, flops_per_token: float, peak: float | None, world_size: int,
-                 extra: dict | None = None):
+                 device: torch.device, flops_per_token: float, peak: float | None, world_size: int):
         self.is_main, self.log_every, self.device = is_main, log_every, device
         self.max_steps, self.flops_per_token, self.peak, self.world = max_steps, flops_per_token, peak, world_size
-        self.extra = extra or {}  # constant scalars logged with every step (e.g. VeLoRA stored bytes)
         self.bar = self.tb = self.log = None
         if not is_main:
             return
@@ -99,15 +97,18 @@ class Metrics:
         self.log.flush()
 
     def train_step(self, step: int, *, loss: float, lr: float, grad_norm: float | None, tokens_seen: int,
-                   step_tokens: int, step_time: float) -> None:
+                   step_tokens: int, step_time: float, velora_bytes: int | None = None) -> None:
+        """Report optimizer step `step`; `velora_bytes`: VeLoRA coefficients kept by the last micro-batch."""
         if not self.is_main:
             return
         tok_s = step_tokens / max(step_time, 1e-9)
         scalars = {"train/loss": loss, "train/ppl": math.exp(min(loss, 700.0)), "train/lr": lr,
                    "train/tokens_seen": tokens_seen, "perf/tokens_per_s": tok_s, "perf/step_time_s": step_time,
-                   **peak_memory(self.device), **self.extra}
+                   **peak_memory(self.device)}
         if grad_norm is not None:
             scalars["train/grad_norm"] = grad_norm
+        if velora_bytes is not None:
+            scalars["mem/velora_stored_bytes"] = velora_bytes
         if self.peak:
             scalars["perf/mfu"] = tok_s * self.flops_per_token / (self.peak * self.world)
         for k, v in scalars.items():

@@ -1,0 +1,148 @@
+"""train_c4.py end to end on the built-in corpus with a tiny model (CPU, gloo).
+
+One 30-step reference run (one process, ZeRO 0) serves several tests: it must learn and leave a
+checkpoint, TensorBoard events and final/; a run stopped at step 15 and resumed must reproduce its
+losses bitwise; two-process ZeRO 2 / ZeRO 3 runs with the same global batch must match its first
+losses within fp32 tolerance. The reference reads with two DataLoader workers: data/ shards the
+stream over ranks x workers readers, so its micro-batches alternate between the same two readers
+that the two ranks of a two-process run (no workers) read, and both runs see the same global batches.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["model.hidden_size=64", "model.intermediate_size=172", "model.num_hidden_layers=2",
+        "model.num_attention_heads=4", "model.vocab_size=512", "model.max_sequence_length=64",
+        "data.seq_len=64", "data.val_tokens=4096", "deepspeed.train_batch_size=8",
+        "deepspeed.train_micro_batch_size_per_gpu=4", "train.log_every=1", "train.eval_every=10",
+        "train.save_every=10", "train.keep_last=2", "optim.lr=0.003"]
+STEPS = 30
+
+
+def env():
+    # One thread per process: the same arithmetic in every run (bitwise resume) and no
+    # oversubscription of a small machine when two ranks run.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def train(out: Path, *sets: str, args=(), launcher=(), steps=STEPS, check=True) -> subprocess.CompletedProcess:
+    overrides = [*TINY, f"train.max_steps={steps}", f"train.output_dir={out}", *sets]
+    cmd = [*(launcher or [sys.executable]), "train_c4.py", "--config", "configs/llama_tiny.json",
+           *[a for s in overrides for a in ("--set", s)], *args]
+    p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def losses(out: Path) -> dict:
+    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    p = train(out, "data.num_workers=2")
+    return out, p
+
+
+@pytest.mark.slow
+def test_one_process_run_learns_and_writes_everything(reference):
+    out, p = reference
+    loss = losses(out)
+    assert sorted(loss) == list(range(1, STEPS + 1))
+    first, last = sum(loss[s] for s in range(1, 6)) / 5, sum(loss[s] for s in range(STEPS - 4, STEPS + 1)) / 5
+    assert last < first - 0.5, (first, last)
+    assert (out / "checkpoints" / "latest").read_text() == f"step_{STEPS}"
+    assert sorted(d.name for d in (out / "checkpoints").iterdir()) == ["latest", "step_20", "step_30"]
+    assert (out / "checkpoints" / "step_30" / "trainer_state_rank0.json").is_file()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert {f.name for f in (out / "final").iterdir()} >= {"model.safetensors", "config.json", "tokenizer.model"}
+    assert (out / "config.json").is_file() and (out / "tokenizer.model").is_file()
+    last_line = p.stdout.strip().splitlines()[-1]
+    assert last_line.startswith("final validation: ppl ") and "(token-weighted), galore_ppl " in last_line
+
+
+@pytest.mark.slow
+def test_stop_and_resume_reproduces_the_losses_bitwise(reference, tmp_path):
+    ref, _ = reference
+    out = tmp_path / "run"
+    p = train(out, "data.num_workers=2", args=["--stop-at", "15"])
+    assert "continue with --resume auto" in p.stdout
+    assert (out / "checkpoints" / "latest").read_text() == "step_15" and not (out / "final").exists()
+    p = train(out, "data.num_workers=2", args=["--resume", "auto"])
+    assert "at step 15" in p.stdout
+    assert losses(out) == losses(ref)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_processes_match_one_process(reference, tmp_path, stage):
+    ref, _ = reference
+    out = tmp_path / "run"
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", free_port()]
+    p = train(out, f"deepspeed.zero_optimization.stage={stage}", args=["--stop-at", "3"], launcher=launcher)
+    assert "2 process(es)" in p.stdout and "micro 4 x accumulation 1 x 2 ranks" in p.stdout
+    got, want = losses(out), losses(ref)
+    assert sorted(got) == [1, 2, 3]
+    for s in got:
+        assert got[s] == pytest.approx(want[s], rel=1e-5, abs=1e-5), (s, got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["adafactor", "galore_adamw", "galore_adafactor"])
+def test_other_optimizers_run(tmp_path, name):
+    p = train(tmp_path / "run", f"optim.name={name}", "optim.galore_rank=8", "optim.galore_update_proj_gap=2",
+              steps=4)
+    assert "final validation: ppl" in p.stdout
+    loss = losses(tmp_path / "run")
+    assert sorted(loss) == [1, 2, 3, 4] and all(v == v for v in loss.values())
+
+
+def assert_one_line_error(p: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert p.returncode == 2, p.stdout + p.stderr
+    lines = [line for line in p.stderr.splitlines() if not line.startswith("[") or "error" in line]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr
+    for f in fragments:
+        assert f in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("sets, fragments", [
+    (["optim.name=galore_adamw", "deepspeed.zero_optimization.stage=2"],
+     ["optim.name=galore_adamw cannot run under ZeRO stage 2", "--set deepspeed.zero_optimization.stage=0"]),
+    (["deepspeed.train_batch_size=10"], ["deepspeed.train_batch_size=10 is not divisible by "
+                                        "train_micro_batch_size_per_gpu=4 x world size 1"]),
+    (["optim.name=lion"], ["optim.name: expected one of adamw, adafactor, galore_adamw, galore_adafactor"]),
+])
+def test_bad_run_configs_give_one_line_errors(tmp_path, sets, fragments):
+    out = tmp_path / "run"
+    assert_one_line_error(train(out, *sets, check=False), *fragments)
+    assert not out.exists()
+
+
+def test_unwritable_output_dir(tmp_path):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "run"
+    assert_one_line_error(train(out, check=False), f"train.output_dir={out}: not writable",
+                          "--set train.output_dir=DIR")
+
+
+def test_existing_run_needs_resume(tmp_path):
+    (tmp_path / "run" / "checkpoints" / "step_5").mkdir(parents=True)
+    assert_one_line_error(train(tmp_path / "run", check=False), "already holds checkpoints (latest: step_5)",
+                          "--resume auto")

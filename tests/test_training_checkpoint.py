@@ -1,0 +1,103 @@
+"""Checkpoint bookkeeping without DeepSpeed: which checkpoint a resume picks, pruning, RNG states.
+
+Saving and loading through a real engine, and exact resume, are tested end to end in
+tests/test_train_c4.py."""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from training.checkpoint import (RUN_CONFIG, atomic_write_text, check_compatible, clean_stale, find_resume,
+                                 prune, rank_state_name, read_latest, rng_state, set_rng_state, step_dirs)
+from training.config import load_config
+from training.errors import CheckpointError
+
+TINY = "configs/llama_tiny.json"
+
+
+def fake_checkpoint(root, step, world=1, cfg=None):
+    d = root / f"step_{step}"
+    d.mkdir(parents=True)
+    (d / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    (cfg or load_config(TINY)).save(d / RUN_CONFIG)
+    for r in range(world):
+        (d / rank_state_name(r)).write_text(json.dumps({"step": step, "world_size": world}))
+    return d
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    f = tmp_path / "latest"
+    atomic_write_text(f, "step_1")
+    atomic_write_text(f, "step_2")
+    assert f.read_text() == "step_2" and sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
+
+
+def test_resume_auto_without_checkpoints_starts_fresh(tmp_path):
+    path, notes = find_resume("auto", tmp_path / "checkpoints", 1)
+    assert path is None and "starting fresh" in notes[-1]
+
+
+def test_resume_auto_takes_latest_and_falls_back_when_it_is_incomplete(tmp_path):
+    root = tmp_path / "checkpoints"
+    fake_checkpoint(root, 10)
+    newest = fake_checkpoint(root, 20)
+    atomic_write_text(root / "latest", "step_20")
+    assert find_resume("auto", root, 1) == (newest, [])
+    (newest / rank_state_name(0)).unlink()
+    path, notes = find_resume("auto", root, 1)
+    assert path == root / "step_10"
+    assert notes == [f"warning: skipping checkpoint {newest} (missing {rank_state_name(0)})"]
+
+
+def test_resume_path_forms_and_errors(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    d = fake_checkpoint(root, 5)
+    atomic_write_text(root / "latest", "step_5")
+    for given in (d, root, tmp_path / "run"):
+        assert find_resume(str(given), root, 1)[0] == d
+    with pytest.raises(CheckpointError, match="written by 1 processes, this run has 2"):
+        find_resume(str(d), root, 2)
+    with pytest.raises(CheckpointError) as e:
+        find_resume(str(tmp_path / "nope"), root, 1)
+    assert "is not a usable checkpoint (does not exist)" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_prune_keeps_last_k_and_the_latest(tmp_path):
+    root = tmp_path / "checkpoints"
+    for s in (1, 2, 3, 4, 5):
+        fake_checkpoint(root, s)
+    atomic_write_text(root / "latest", "step_1")  # e.g. after --resume from an old checkpoint
+    prune(root, 2)
+    assert [p.name for p in step_dirs(root)] == ["step_1", "step_4", "step_5"]
+    assert read_latest(root) == "step_1"
+
+
+def test_clean_stale_removes_interrupted_saves(tmp_path):
+    root = tmp_path / "checkpoints"
+    fake_checkpoint(root, 3)
+    (root / "step_4.tmp").mkdir()
+    (root / "step_1.trash").mkdir()
+    clean_stale(root)
+    assert sorted(p.name for p in root.iterdir()) == ["step_3"]
+
+
+def test_check_compatible_refuses_another_model_and_notes_other_changes(tmp_path):
+    d = fake_checkpoint(tmp_path / "checkpoints", 1)
+    assert check_compatible(d, load_config(TINY)) == []
+    assert check_compatible(d, load_config(TINY, ["train.max_steps=999"])) == [
+        "note: resuming with changed settings: train.max_steps"]
+    with pytest.raises(CheckpointError) as e:
+        check_compatible(d, load_config(TINY, ["model.num_hidden_layers=2", "velora.targets=paper"]))
+    assert "model differs from this run's in model.num_hidden_layers" in str(e.value)
+
+
+def test_rng_state_round_trips_through_json():
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    state = json.loads(json.dumps(rng_state()))
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(2), np.random.seed(2), torch.manual_seed(2)
+    set_rng_state(state)
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])

@@ -1,0 +1,86 @@
+"""Optimizer construction: GaLore's parameter groups, and combinations refused up front."""
+import pytest
+import torch
+
+from model import LlamaConfig, LlamaForCausalLM
+from training.config import ConfigError, load_config
+from training.optim import build_optimizer, check_optimizer_config, galore_param_groups
+
+TINY = "configs/llama_tiny.json"
+SMALL = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2",
+         "model.vocab_size=64", "model.num_attention_heads=2"]
+
+
+def small_model():
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2))
+
+
+def test_galore_groups_project_attention_and_mlp_matrices_only():
+    model = small_model()
+    cfg = load_config(TINY, SMALL + ["optim.name=galore_adamw", "optim.galore_rank=4"])
+    plain, projected = galore_param_groups(model, cfg.optim)
+    names = {id(p): n for n, p in model.named_parameters()}
+    proj_names = sorted(names[id(p)] for p in projected["params"])
+    assert len(proj_names) == 2 * 7 and all(".self_attn." in n or ".mlp." in n for n in proj_names)
+    assert all(p.dim() == 2 for p in projected["params"])
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= {names[id(p)] for p in plain["params"]}
+    assert (projected["rank"], projected["update_proj_gap"], projected["scale"], projected["proj_type"]) == \
+        (4, cfg.optim.galore_update_proj_gap, cfg.optim.galore_scale, "std")
+    assert len(plain["params"]) + len(projected["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["galore_adamw", "galore_adafactor"])
+def test_galore_optimizers_step(name):
+    model = small_model()
+    cfg = load_config(TINY, SMALL + [f"optim.name={name}", "optim.galore_rank=4"])
+    opt, _, notes = build_optimizer(model, cfg)
+    before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    ids = torch.randint(0, 64, (2, 8))
+    model(ids, labels=ids).backward()
+    opt.step()
+    assert not torch.equal(before, model.model.layers[0].mlp.up_proj.weight)
+    assert "projected matrices" in notes[0]
+
+
+def test_galore_targets_matching_nothing():
+    cfg = load_config(TINY, SMALL + ["optim.name=galore_adamw", "optim.galore_targets=[ffn]"])
+    with pytest.raises(ConfigError, match="optim.galore_targets"):
+        galore_param_groups(small_model(), cfg.optim)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_galore_under_zero_is_refused_with_the_fix(stage):
+    cfg = load_config(TINY, ["optim.name=galore_adamw", f"deepspeed.zero_optimization.stage={stage}"])
+    with pytest.raises(ConfigError) as e:
+        check_optimizer_config(cfg)
+    assert str(e.value) == (f"optim.name=galore_adamw cannot run under ZeRO stage {stage}: GaLore projects 2-D "
+                            f"gradients and ZeRO >= 1 hands the optimizer flattened ones; use "
+                            f"--set deepspeed.zero_optimization.stage=0")
+
+
+def test_deepspeed_optimizer_only_with_adamw_and_no_deepspeed_scheduler():
+    cfg = load_config(TINY, ["optim.name=adafactor", 'deepspeed.optimizer={"type": "AdamW"}'])
+    with pytest.raises(ConfigError, match="remove deepspeed.optimizer or use optim.name=adamw"):
+        check_optimizer_config(cfg)
+    cfg = load_config(TINY, ['deepspeed.scheduler={"type": "WarmupLR"}'])
+    with pytest.raises(ConfigError, match="remove deepspeed.scheduler"):
+        check_optimizer_config(cfg)
+
+
+def test_adamw_and_deepspeed_built_optimizer():
+    cfg = load_config(TINY, SMALL + ["optim.lr=0.002", "optim.weight_decay=0.1"])
+    opt, ds, _ = build_optimizer(small_model(), cfg)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["lr"] == 0.002 and opt.defaults["weight_decay"] == 0.1
+    assert ds == cfg.deepspeed and ds is not cfg.deepspeed
+    cfg = load_config(TINY, SMALL + ['deepspeed.optimizer={"type": "AdamW", "params": {"lr": 1e-3}}'])
+    opt, _, notes = build_optimizer(small_model(), cfg)
+    assert opt is None and "DeepSpeed's AdamW" in notes[0]
+
+
+def test_adafactor_under_zero_allows_untested_optimizer_and_warns():
+    cfg = load_config(TINY, SMALL + ["optim.name=adafactor", "deepspeed.zero_optimization.stage=2"])
+    opt, ds, notes = build_optimizer(small_model(), cfg)
+    assert isinstance(opt, torch.optim.Adafactor)
+    assert ds["zero_allow_untested_optimizer"] is True and "needs ZeRO stage 0" in notes[0]
+    assert "zero_allow_untested_optimizer" not in cfg.deepspeed
