@@ -63,7 +63,8 @@ def _digest(title: str) -> int:
     return int.from_bytes(hashlib.sha1(title.encode("utf-8")).digest(), "big")
 
 
-def _write_shard(path: Path, docs: list[dict]) -> None:
+def write_shard(path: Path, docs: list[dict]) -> None:
+    """Write C4-format JSON lines, gzip-compressed."""
     # mtime=0: the same corpus gives byte-identical shards on every machine
     with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
         for doc in docs:
@@ -92,8 +93,8 @@ def builtin_corpus_dir(cache: Path) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=CORPUS_DIR + ".tmp", dir=cache))
         try:
             for i in range(TRAIN_SHARDS):
-                _write_shard(tmp / f"c4-train.{i:05d}-of-{TRAIN_SHARDS:05d}.json.gz", train[i::TRAIN_SHARDS])
-            _write_shard(tmp / "c4-validation.00000-of-00001.json.gz", val)
+                write_shard(tmp / f"c4-train.{i:05d}-of-{TRAIN_SHARDS:05d}.json.gz", train[i::TRAIN_SHARDS])
+            write_shard(tmp / "c4-validation.00000-of-00001.json.gz", val)
             os.rename(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

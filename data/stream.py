@@ -44,6 +44,26 @@ def _shard_level(n_shards: int, n_readers: int) -> bool:
     return n_shards >= n_readers and (n_shards % n_readers == 0 or n_shards >= 64 * n_readers)
 
 
+def pack_chunk(cfg: DataConfig, tokenizer, lines: list, shuffle_key: str | None):
+    """Parse, shuffle (seeded by `shuffle_key`; None keeps file order), tokenize and pack one chunk of
+    records; returns (inputs, labels, counts)."""
+    counts = Counter()
+    texts = [t for r in lines if (t := parse_record(r, counts)) is not None]
+    if shuffle_key is not None:
+        random.Random(shuffle_key).shuffle(texts)
+    ids = tokenizer.encode_batch(texts)
+    counts["docs"] += len(ids)
+    if not ids:
+        return (), (), counts
+    if cfg.packing == "galore":
+        counts["truncated_docs"] += sum(len(d) >= cfg.seq_len for d in ids)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    pack = pack_galore if cfg.packing == "galore" else pack_concat
+    inputs, labels = pack(ids, cfg.seq_len, tokenizer.eos_id, pad)
+    counts["tokens"] += int((labels != IGNORE).sum())
+    return inputs, labels, counts
+
+
 def read_rows(cfg: DataConfig, tokenizer, shards: list, reader: int, n_readers: int, pos: dict,
               stats: Counter, chunk_docs: int, shuffle: bool = True, epochs: int = 0):
     """Yield this reader's packed (input_ids, labels) rows (numpy, seq_len each) from `pos` on.
@@ -52,8 +72,6 @@ def read_rows(cfg: DataConfig, tokenizer, shards: list, reader: int, n_readers: 
     `stats` gets the counts of every finished chunk (so a saved `pos` + `stats` pair never counts a
     chunk twice when it is re-read on resume); `pos["open"]` holds the counts of the current one.
     """
-    pack = pack_galore if cfg.packing == "galore" else pack_concat
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     by_shard = _shard_level(len(shards), n_readers)
     while not (epochs and pos["epoch"] >= epochs):
         epoch = pos["epoch"]
@@ -71,23 +89,15 @@ def read_rows(cfg: DataConfig, tokenizer, shards: list, reader: int, n_readers: 
             records, seen, k = shard.records(), Counter(), 0
             while lines := list(islice(records, size)):
                 if (by_shard or (p + k) % n_readers == reader) and k >= pos["chunk"]:
-                    chunk = Counter()
-                    texts = [t for r in lines if (t := parse_record(r, chunk)) is not None]
-                    if shuffle:
-                        random.Random(f"{cfg.seed}:{epoch}:{shard.name}:{k}").shuffle(texts)
-                    ids = tokenizer.encode_batch(texts)
-                    chunk["docs"] += len(ids)
-                    if cfg.packing == "galore":
-                        chunk["truncated_docs"] += sum(len(d) >= cfg.seq_len for d in ids)
-                    inputs, labels = pack(ids, cfg.seq_len, tokenizer.eos_id, pad) if ids else ((), ())
-                    chunk["tokens"] += int((labels != IGNORE).sum()) if len(labels) else 0
-                    seen.update(chunk)
-                    pos["open"] = dict(chunk)
+                    key = f"{cfg.seed}:{epoch}:{shard.name}:{k}" if shuffle else None
+                    inputs, labels, counts = pack_chunk(cfg, tokenizer, lines, key)
+                    seen.update(counts)
+                    pos["open"] = dict(counts)
                     for j in range(pos["row"], len(inputs) - 1):
                         pos["row"] = j + 1
                         yielded = True
                         yield inputs[j], labels[j]
-                    stats.update(chunk)  # the chunk is done once its last row is out
+                    stats.update(counts)  # the chunk is done once its last row is out
                     pos.update(chunk=k + 1, row=0, open={})
                     if len(inputs):
                         yielded = True
@@ -107,16 +117,27 @@ def _start_pos() -> dict:
     return {"epoch": 0, "shard": 0, "chunk": 0, "row": 0, "open": {}}
 
 
-class _Slots(IterableDataset):
-    """DataLoader worker w serves reader slot (first + w) mod K, so a resumed loader keeps the order."""
+def _slot_batches(cfg: DataConfig, tokenizer, shards: list, batch_size: int, rank: int, world_size: int,
+                  slot: int, pos: dict, stats: Counter):
+    """Batches of reader slot `slot` of this rank, each with the slot's position and counts after it."""
+    slots = max(cfg.num_workers, 1)
+    rows = read_rows(cfg, tokenizer, shards, rank * slots + slot, world_size * slots, pos, stats,
+                     cfg.shuffle_buffer, epochs=cfg.epochs)
+    while batch := list(islice(rows, batch_size)):
+        inputs, labels = _stack(batch)
+        yield inputs, labels, slot, {**pos, "open": dict(pos["open"])}, dict(stats)
 
-    def __init__(self, owner: "TrainBatches", first: int):
-        self.owner, self.first = owner, first
+
+class _Slots(IterableDataset):
+    """DataLoader worker w serves reader slot (first + w) mod K, so a resumed loader keeps the order.
+    (It holds copies, not the TrainBatches: a reference cycle would stall the workers' shutdown.)"""
+
+    def __init__(self, args: tuple, positions: list, stats: list, first: int):
+        self.args, self.positions, self.stats, self.first = args, positions, stats, first
 
     def __iter__(self):
-        info = get_worker_info()
-        slot = (self.first + (info.id if info else 0)) % self.owner.slots
-        return self.owner._slot_batches(slot)
+        slot = (self.first + get_worker_info().id) % len(self.positions)
+        return _slot_batches(*self.args, slot, self.positions[slot], self.stats[slot])
 
 
 class TrainBatches:
@@ -140,25 +161,24 @@ class TrainBatches:
         self._consumed = 0
         self._it = None
 
-    def _slot_batches(self, slot: int):
-        pos, stats = self._pos[slot], self._stats[slot]
-        rows = read_rows(self.cfg, self.tokenizer, self.shards, self.rank * self.slots + slot,
-                         self.world_size * self.slots, pos, stats, self.cfg.shuffle_buffer, epochs=self.cfg.epochs)
-        while batch := list(islice(rows, self.batch_size)):
-            inputs, labels = _stack(batch)
-            yield inputs, labels, slot, {**pos, "open": dict(pos["open"])}, dict(stats)
-
     def __iter__(self):
         return self
 
     def __next__(self):
         if self._it is None:
+            args = (self.cfg, self.tokenizer, self.shards, self.batch_size, self.rank, self.world_size)
+            positions, stats = [dict(p) for p in self._pos], [Counter(s) for s in self._stats]
             if self.cfg.num_workers == 0:
-                self._it = self._slot_batches(0)
+                self._it = _slot_batches(*args, 0, positions[0], stats[0])
             else:
-                self._it = iter(DataLoader(_Slots(self, self._consumed % self.slots), batch_size=None,
-                                           num_workers=self.cfg.num_workers))
-        inputs, labels, slot, pos, stats = next(self._it)
+                self._it = iter(DataLoader(_Slots(args, positions, stats, self._consumed % self.slots),
+                                           batch_size=None, num_workers=self.cfg.num_workers))
+        try:
+            inputs, labels, slot, pos, stats = next(self._it)
+        except StopIteration:  # a finite stream (data.epochs) ended: every reader is past its last epoch
+            for pos in self._pos:
+                pos.update(epoch=self.cfg.epochs, shard=0, chunk=0, row=0, open={})
+            raise
         self._pos[slot], self._stats[slot] = pos, Counter(stats)
         self._consumed += 1
         return inputs, labels

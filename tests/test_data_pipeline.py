@@ -1,0 +1,182 @@
+"""Packing, sharding across ranks x workers, exact resume, epochs, GaLore mode and the validation slice.
+
+The corpus is synthetic: document d is the words `d*1000 + j` (j < its length) and the tokenizer maps
+a word to its number, so every token names its document and position.
+"""
+import json
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from data import DataConfig, TrainBatches, validation_batches
+from data.builtin import write_shard
+from data.packing import IGNORE, pack_concat, pack_galore
+
+EOS = 2
+
+
+class NumTokenizer:
+    """Word n -> token n; BOS/EOS 1/2, no pad (the builtin tokenizer's convention)."""
+    vocab_size, bos_id, eos_id, pad_id, model_path = 10**7, 1, EOS, None, ""
+
+    def encode_batch(self, texts):
+        return [[int(w) for w in t.split()] for t in texts]
+
+
+def doc_tokens(d, n):
+    return [d * 1000 + 10 + j for j in range(n)]
+
+
+def make_corpus(root, shard_sizes, val_docs=40, seed=0):
+    """C4-format shards in `root`; returns {document tokens as a tuple} of the train split."""
+    rng, d, train = random.Random(seed), 0, set()
+    for i, size in enumerate(shard_sizes):
+        docs = []
+        for _ in range(size):
+            toks = doc_tokens(d, rng.randint(1, 40))
+            docs.append({"text": " ".join(map(str, toks))})
+            train.add(tuple(toks))
+            d += 1
+        write_shard(root / f"c4-train.{i:05d}-of-{len(shard_sizes):05d}.json.gz", docs)
+    val = [{"text": " ".join(map(str, doc_tokens(d + k, rng.randint(1, 40))))} for k in range(val_docs)]
+    write_shard(root / "c4-validation.00000-of-00001.json.gz", val)
+    return train
+
+
+def cfg_for(root, **kw):
+    return DataConfig(**{"source": "local", "path": str(root), "seq_len": 16, "shuffle_buffer": 5,
+                         "val_tokens": 100, **kw})
+
+
+def rows_of(batches):
+    return [tuple(r) for x, _ in batches for r in x.tolist()]
+
+
+def docs_in(rows_and_labels):
+    """Split the real (unmasked) tokens of rows into documents at EOS."""
+    docs, cur = [], []
+    for x, y in rows_and_labels:
+        for tok, lab in zip(x.tolist(), y.tolist()):
+            if lab == IGNORE:
+                continue
+            if tok == EOS:
+                docs.append(tuple(cur))
+                cur = []
+            else:
+                cur.append(tok)
+    assert cur == []
+    return docs
+
+
+def test_pack_concat_keeps_every_token_once_in_order():
+    docs = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
+    x, y = pack_concat(docs, 4, EOS, 0)
+    assert x.shape == y.shape == (3, 4)
+    stream = [5, 6, 7, EOS, 8, EOS, 9, 10, 11, 12, 13, EOS]
+    assert x.reshape(-1).tolist() == stream
+    assert (y == x).all()  # labels aligned with inputs: the model shifts
+    x, y = pack_concat(docs, 5, EOS, 0)
+    assert x.reshape(-1)[:12].tolist() == stream and x.reshape(-1)[12:].tolist() == [0] * 3
+    assert (y.reshape(-1)[12:] == IGNORE).all() and (y.reshape(-1)[:12] == x.reshape(-1)[:12]).all()
+
+
+def test_pack_galore_truncates_pads_and_masks():
+    x, y = pack_galore([[5, 6, 7, 8, 9, 10], [11, 12]], 4, eos_id=1, pad_id=0)
+    assert x.tolist() == [[5, 6, 7, 1], [11, 12, 1, 0]]  # T5: seq_len - 1 tokens + EOS, right-padded
+    assert y.tolist() == [[5, 6, 7, 1], [11, 12, 1, IGNORE]]
+
+
+def test_train_batches_concat_covers_each_document_once(tmp_path):
+    train = make_corpus(tmp_path, [23, 31])
+    tb = TrainBatches(cfg_for(tmp_path, epochs=1), NumTokenizer(), batch_size=4)
+    batches = list(tb)
+    assert all(x.shape == (4, 16) and x.dtype == y.dtype == __import__("torch").int64 for x, y in batches[:-1])
+    rows = [(x[i], y[i]) for x, y in batches for i in range(len(x))]
+    docs = docs_in(rows)
+    assert sorted(docs) == sorted(train)
+    assert tb.stats["docs"] == len(train) and tb.stats["epoch"] == 1
+    assert tb.stats["tokens"] == sum(len(d) + 1 for d in train)
+
+
+@pytest.mark.parametrize("shards", [[23, 31], [11, 12, 13, 14]])  # chunk-level and shard-level sharding
+def test_two_ranks_two_workers_partition_the_single_process_stream(tmp_path, shards):
+    make_corpus(tmp_path, shards)
+    tok = NumTokenizer()
+    single = rows_of(TrainBatches(cfg_for(tmp_path, epochs=1), tok, batch_size=1))
+    parts = [rows_of(TrainBatches(cfg_for(tmp_path, epochs=1, num_workers=2), tok, 1, rank=r, world_size=2))
+             for r in range(2)]
+    assert all(parts) and Counter(parts[0]) & Counter(parts[1]) == Counter()
+    assert Counter(parts[0]) + Counter(parts[1]) == Counter(single)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_with_the_next_unseen_batch(tmp_path, workers):
+    make_corpus(tmp_path, [23, 31])
+    cfg, tok = cfg_for(tmp_path, num_workers=workers), NumTokenizer()
+    ref = TrainBatches(cfg, tok, batch_size=3)
+    expected = [next(ref) for _ in range(40)]  # > 1 epoch of this corpus
+    assert ref.stats["epoch"] >= 1
+    first = TrainBatches(cfg, tok, batch_size=3)
+    for _ in range(7):
+        next(first)
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = TrainBatches(cfg, tok, batch_size=3)
+    resumed.load_state_dict(state)
+    for want in expected[7:]:
+        got = next(resumed)
+        assert (got[0] == want[0]).all() and (got[1] == want[1]).all()
+    assert resumed.stats == ref.stats
+
+
+def test_resume_refuses_a_different_setup(tmp_path):
+    make_corpus(tmp_path, [23])
+    tb = TrainBatches(cfg_for(tmp_path), NumTokenizer(), batch_size=3)
+    next(tb)
+    other = TrainBatches(cfg_for(tmp_path, seq_len=32), NumTokenizer(), batch_size=3)
+    with pytest.raises(ValueError, match=r"data state: saved with seq_len=16 \(now 32\)"):
+        other.load_state_dict(tb.state_dict())
+
+
+def test_epochs_reshuffle_and_count(tmp_path):
+    train = make_corpus(tmp_path, [23, 31])
+    tb = TrainBatches(cfg_for(tmp_path, epochs=2), NumTokenizer(), batch_size=1)
+    rows = [(x[0], y[0]) for x, y in tb]
+    docs = docs_in(rows)
+    half = len(docs) // 2
+    assert sorted(docs[:half]) == sorted(docs[half:]) == sorted(train)
+    assert docs[:half] != docs[half:]  # epoch 1 is shuffled differently
+    assert tb.stats["epoch"] == 2
+
+
+def test_galore_mode_one_document_per_row(tmp_path):
+    train = make_corpus(tmp_path, [23])
+    tb = TrainBatches(cfg_for(tmp_path, packing="galore", seq_len=8, epochs=1), NumTokenizer(), batch_size=2)
+    rows = [(x[i], y[i]) for x, y in tb for i in range(len(x))]
+    assert len(rows) == len(train)
+    got = set()
+    for x, y in rows:
+        n = int((y != IGNORE).sum())
+        assert x[n - 1] == EOS and (y[:n] == x[:n]).all() and (x[n:] == EOS).all()  # no pad id: EOS fills
+        got.add(tuple(x[:n - 1].tolist()))
+    assert got == {d[:7] for d in train}
+    assert tb.stats["truncated_docs"] == sum(len(d) >= 8 for d in train)
+
+
+def test_validation_slice_is_fixed_and_split_across_ranks(tmp_path):
+    make_corpus(tmp_path, [23], val_docs=40)
+    cfg, tok = cfg_for(tmp_path, val_tokens=100), NumTokenizer()
+    a, b = validation_batches(cfg, tok, 2), validation_batches(cfg, tok, 2)
+    assert rows_of(a) == rows_of(b)
+    labels = np.concatenate([y.numpy() for _, y in a])
+    assert 100 <= (labels != IGNORE).sum() < 100 + 16
+    ranks = [rows_of(validation_batches(cfg, tok, 2, rank=r, world_size=2)) for r in range(2)]
+    assert sorted(ranks[0] + ranks[1]) == sorted(rows_of(a))
+    assert not set(ranks[0]) & set(ranks[1])
+
+
+def test_validation_smaller_than_val_tokens_uses_all_and_warns(tmp_path, caplog):
+    make_corpus(tmp_path, [23], val_docs=3)
+    batches = validation_batches(cfg_for(tmp_path, val_tokens=10**6), NumTokenizer(), 4)
+    assert batches and "fewer than data.val_tokens" in caplog.text
