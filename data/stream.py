@@ -126,6 +126,7 @@ def _slot_batches(cfg: DataConfig, tokenizer, shards: list, batch_size: int, ran
     while batch := list(islice(rows, batch_size)):
         inputs, labels = _stack(batch)
         yield inputs, labels, slot, {**pos, "open": dict(pos["open"])}, dict(stats)
+    yield None, None, slot, dict(pos), dict(stats)  # a finite stream's final position and counts
 
 
 class _Slots(IterableDataset):
@@ -137,7 +138,10 @@ class _Slots(IterableDataset):
 
     def __iter__(self):
         slot = (self.first + get_worker_info().id) % len(self.positions)
-        return _slot_batches(*self.args, slot, self.positions[slot], self.stats[slot])
+        try:
+            yield from _slot_batches(*self.args, slot, self.positions[slot], self.stats[slot])
+        except DataError as e:  # handed over as is: the DataLoader would wrap it in a worker traceback
+            yield e
 
 
 class TrainBatches:
@@ -173,13 +177,13 @@ class TrainBatches:
             else:
                 self._it = iter(DataLoader(_Slots(args, positions, stats, self._consumed % self.slots),
                                            batch_size=None, num_workers=self.cfg.num_workers))
-        try:
-            inputs, labels, slot, pos, stats = next(self._it)
-        except StopIteration:  # a finite stream (data.epochs) ended: every reader is past its last epoch
-            for pos in self._pos:
-                pos.update(epoch=self.cfg.epochs, shard=0, chunk=0, row=0, open={})
-            raise
-        self._pos[slot], self._stats[slot] = pos, Counter(stats)
+        inputs = None
+        while inputs is None:
+            item = next(self._it)
+            if isinstance(item, DataError):
+                raise DataError(str(item)) from None
+            inputs, labels, slot, pos, stats = item
+            self._pos[slot], self._stats[slot] = pos, Counter(stats)
         self._consumed += 1
         return inputs, labels
 
