@@ -2,22 +2,27 @@
 
 The unit of everything is the *chunk*: `data.shuffle_buffer` consecutive records of one shard.
 A chunk is read, its documents are shuffled (seeded by seed, epoch, shard and chunk), tokenized and
-packed on its own (data/packing.py). So the rows of a chunk do not depend on who reads it, and:
+packed on its own (data/packing.py), so the rows of a chunk do not depend on who reads it.
 
-- Sharding: there are N = world_size x max(num_workers, 1) readers; reader r*K + w is rank r's
-  worker w. Each epoch visits the shards in an order shuffled with seed + epoch. When the shards
-  split evenly (or there are >= 64 per reader), reader i reads the shards at positions p = i mod N
-  and nothing else (C4: 1024 train shards); otherwise every reader streams every shard and packs
-  only chunk k of shard position p when (p + k) mod N = i, other chunks being skipped unparsed.
-  In that mode a shard with fewer than N x shuffle_buffer records is cut into N chunks instead.
-  Readers see disjoint rows; their union is the single-reader stream whenever the chunking is the
-  same (every shard holds at least N x shuffle_buffer records, or shards split evenly).
-- Resume: a reader's position is (epoch, shard position, chunk, row). Restoring it skips whole
-  shards unopened (files) and the records of earlier chunks unparsed (local files: gzip only; the
-  Hub: streamed and dropped), then re-tokenizes one chunk, so a resumed run continues with exactly
-  the next unseen row.
-- Epochs: when a reader has read its part of the train split it starts the next epoch (shard order
-  and chunk shuffles reseeded with seed + epoch); `data.epochs` > 0 stops after that many.
+Sharding. There are N = world_size x max(num_workers, 1) readers; reader r*K + w is rank r's
+worker w. Each epoch visits the shards in an order shuffled with seed + epoch.
+- Shard level, when the shards split evenly, or there are >= 64 per reader, or they are the Hub's
+  (C4: 1024 train shards) and there are at least N: reader i reads the shards at positions
+  p = i mod N and never opens the others.
+- Chunk level, otherwise (few local shards, e.g. one file): every reader streams every shard and
+  packs only chunk k of shard position p when (p + k) mod N = i, reading the other chunks' lines
+  without parsing them. A shard with fewer than N x shuffle_buffer lines is cut into N chunks.
+Readers see disjoint rows; their union is the single-reader stream whenever the chunking is the
+same for both (shards that split evenly, or hold at least N x shuffle_buffer lines each).
+
+Resume. A reader's position is (epoch, shard position, chunk, row), saved with every batch.
+Restoring it skips earlier shards without opening them and the lines of earlier chunks of the
+current shard without parsing them (builtin and local: gzip decompression only; c4: the shard is
+streamed from the Hub and dropped up to there), then re-tokenizes that one chunk and drops its
+rows already seen: the resumed run continues with exactly the next unseen row.
+
+Epochs. When a reader has read its part of the train split it starts the next epoch (shard order
+and chunk shuffles reseeded with seed + epoch); `data.epochs` > 0 stops after that many.
 """
 from __future__ import annotations
 
@@ -40,8 +45,11 @@ VAL_CHUNK_DOCS = 4096   # validation chunking is fixed so the slice does not dep
 log = logging.getLogger(__name__)
 
 
-def _shard_level(n_shards: int, n_readers: int) -> bool:
-    return n_shards >= n_readers and (n_shards % n_readers == 0 or n_shards >= 64 * n_readers)
+def _shard_level(shards: list, n_readers: int) -> bool:
+    """Whole shards per reader when that is balanced, or when streaming every shard N times would mean
+    downloading it N times (Hub shards, whose length is unknown)."""
+    n = len(shards)
+    return n >= n_readers and (n % n_readers == 0 or n >= 64 * n_readers or shards[0].count is None)
 
 
 def pack_chunk(cfg: DataConfig, tokenizer, lines: list, shuffle_key: str | None):
@@ -72,7 +80,7 @@ def read_rows(cfg: DataConfig, tokenizer, shards: list, reader: int, n_readers: 
     `stats` gets the counts of every finished chunk (so a saved `pos` + `stats` pair never counts a
     chunk twice when it is re-read on resume); `pos["open"]` holds the counts of the current one.
     """
-    by_shard = _shard_level(len(shards), n_readers)
+    by_shard = _shard_level(shards, n_readers)
     while not (epochs and pos["epoch"] >= epochs):
         epoch = pos["epoch"]
         order = list(range(len(shards)))

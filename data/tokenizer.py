@@ -40,7 +40,11 @@ class Tokenizer:
         self.hf = None
         if self.hf_name:
             from transformers import AutoTokenizer
-            self.hf = AutoTokenizer.from_pretrained(self.hf_name)
+            try:
+                self.hf = AutoTokenizer.from_pretrained(self.hf_name)
+            except Exception as e:  # offline without a cached copy, or the Hub unreachable
+                raise DataError(f"data.tokenizer={self.name}: cannot load {self.hf_name} ({type(e).__name__}); "
+                                f"set data.tokenizer to a sentencepiece .model path or to builtin") from None
         self.vocab_size = self.sp.get_piece_size()
         ids = (self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id())
         self.bos_id, self.eos_id, self.pad_id = (i if i >= 0 else None for i in ids)
@@ -61,8 +65,8 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without BOS/EOS (sentencepiece encodes the batch in C++)."""
-        if self.hf is not None:
-            return self.hf(texts, add_special_tokens=False)["input_ids"]
+        if self.hf is not None:  # text like "<extra_id_0>" stays text: ids stay below the 32000 of GaLore's models
+            return self.hf(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         return self.sp.encode(texts, num_threads=1)
 
     def decode(self, ids: list[int]) -> str:

@@ -130,6 +130,27 @@ def test_resume_continues_with_the_next_unseen_batch(tmp_path, workers):
     assert resumed.stats == ref.stats
 
 
+def test_resume_tokenizes_only_the_current_chunk(tmp_path):
+    make_corpus(tmp_path, [23, 31, 17, 19])
+
+    class Counting(NumTokenizer):
+        docs = 0
+
+        def encode_batch(self, texts):
+            Counting.docs += len(texts)
+            return super().encode_batch(texts)
+
+    first = TrainBatches(cfg_for(tmp_path), Counting(), batch_size=3)
+    for _ in range(40):
+        next(first)
+    assert first.state_dict()["positions"][0]["shard"] >= 2
+    Counting.docs = 0
+    resumed = TrainBatches(cfg_for(tmp_path), Counting(), batch_size=3)
+    resumed.load_state_dict(first.state_dict())
+    next(resumed)
+    assert 0 < Counting.docs <= 5  # one chunk (shuffle_buffer=5), not the 60+ documents before it
+
+
 def test_resume_refuses_a_different_setup(tmp_path):
     make_corpus(tmp_path, [23])
     tb = TrainBatches(cfg_for(tmp_path), NumTokenizer(), batch_size=3)
