@@ -82,6 +82,7 @@ def _rank_main(rank, world, port, out_path):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_reduce_like_one(tmp_path):
     with socket.socket() as s:

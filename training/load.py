@@ -90,13 +90,16 @@ def _check_archives(tag_dir: Path) -> None:
                                   f"(e.g. an earlier step_N)")
 
 
-def _read_deepspeed(tag_dir: Path) -> dict:
+def deepspeed_state_dict(tag_dir) -> dict:
+    """The full-precision weights (and buffers) of one DeepSpeed checkpoint directory, consolidated on
+    CPU: ZeRO 1-3 through DeepSpeed's zero_to_fp32 (fp32 master weights), ZeRO 0 from the module."""
+    tag_dir = Path(tag_dir)
     _check_archives(tag_dir)
     if list(tag_dir.glob("*_optim_states.pt")):  # ZeRO 1-3: weights live partitioned in the optimizer files
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        quiet = io.StringIO()
+        quiet = io.StringIO()  # DeepSpeed prints progress (and an accelerator note on import) to stdout
         try:
             with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
                 return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         except Exception as e:
             raise CheckpointError(f"{tag_dir}: DeepSpeed could not consolidate this checkpoint "
@@ -159,7 +162,7 @@ def load_source(src: CheckpointSource, device="cpu"):
         state = _read_safetensors(weights_file)
     else:
         weights_file = src.dir
-        state = _read_deepspeed(src.dir)
+        state = deepspeed_state_dict(src.dir)
     state = plain_state_dict(state, run_config.model, str(weights_file))
     tokenizer = load_tokenizer_file(src.tokenizer_file, run_config)
     model = LlamaForCausalLM(run_config.model)

@@ -1,0 +1,101 @@
+"""Perplexity of a checkpoint on C4 (or the built-in corpus, or local shards).
+
+    python scripts/eval_ppl.py --checkpoint runs/llama_tiny/final --data builtin
+    python scripts/eval_ppl.py --checkpoint runs/llama_60m --data /data/c4/en --max-tokens 10000000 --json
+
+--checkpoint: an exported final/ directory (preferred: safetensors), a run's output directory, or a
+DeepSpeed checkpoint directory of any ZeRO stage and world size (consolidated on CPU).
+--data: c4 (streamed from the Hub), builtin, a directory of C4 shards, or one .json.gz/.jsonl file.
+Unset options take the run's own settings, so the numbers equal the in-training evaluation's.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python scripts/eval_ppl.py`
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+
+import torch  # noqa: E402
+
+from data import DataError  # noqa: E402
+from training import cli  # noqa: E402
+from training.config import resolve_batch  # noqa: E402
+from training.load import load_source, resolve_checkpoint  # noqa: E402
+
+
+def data_source(src: str) -> dict:
+    """--data value -> the DataConfig fields it sets."""
+    if src in ("c4", "builtin"):
+        return {"source": src, "path": ""}
+    path = Path(src)
+    if path.is_dir() or (path.is_file() and path.name.endswith((".json.gz", ".jsonl", ".json"))):
+        return {"source": "local", "path": str(path)}
+    raise DataError(f"--data {src}: expected c4, builtin, a directory of C4 shards or a .json.gz/.jsonl "
+                    f"file, and no such file or directory exists")
+
+
+def eval_batch_size(run_config) -> int:
+    """The batch size the training run evaluated with: train.eval_batch_size, else the micro-batch
+    (which the saved config holds once resolved for the run's world size)."""
+    ds = run_config.deepspeed
+    return (run_config.train.eval_batch_size or ds.get("train_micro_batch_size_per_gpu")
+            or resolve_batch(ds, 1)[1])
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="eval_ppl.py", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="final/, a run output directory or a DeepSpeed checkpoint")
+    p.add_argument("--data", required=True, help="c4 | builtin | a directory of C4 shards | a .json.gz/.jsonl file")
+    p.add_argument("--split", default="validation", choices=["validation"],
+                   help="the fixed validation slice (data.val_tokens long)")
+    p.add_argument("--max-tokens", type=int, help="tokens in the validation slice (default: the run's data.val_tokens)")
+    p.add_argument("--batch-size", type=int, help="sequences per batch (default: the run's evaluation batch)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the run's data.seq_len)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p.parse_args(argv)
+
+
+def main(argv) -> int:
+    args = parse_args(argv)
+    for name in ("max_tokens", "batch_size", "seq_len"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise DataError(f"--{name.replace('_', '-')}: must be positive, got {getattr(args, name)}")
+    from data import validation_batches
+    from training.evaluate import evaluate
+
+    # Libraries' notes go to stderr, so stdout holds only our report (one JSON object with --json).
+    with contextlib.redirect_stdout(sys.stderr):
+        src = resolve_checkpoint(args.checkpoint)
+        model, run_config, tokenizer = load_source(src, device=args.device)
+        changes = data_source(args.data)
+        if args.max_tokens:
+            changes["val_tokens"] = args.max_tokens
+        if args.seq_len:
+            changes["seq_len"] = args.seq_len
+        data_cfg = dataclasses.replace(run_config.data, **changes)
+        batch_size = args.batch_size or eval_batch_size(run_config)
+        result = evaluate(model, validation_batches(data_cfg, tokenizer, batch_size))
+
+    used = {"checkpoint": str(src.dir), "format": src.kind, "data": args.data, "split": args.split,
+            "source": data_cfg.source, "path": data_cfg.path, "seq_len": data_cfg.seq_len,
+            "packing": data_cfg.packing, "val_tokens": data_cfg.val_tokens, "batch_size": batch_size,
+            "device": args.device}
+    if args.json:
+        print(json.dumps({**result, "config": used}))
+        return 0
+    print(f"checkpoint: {src.dir} ({src.kind})")
+    print("config: " + ", ".join(f"{k}={v}" for k, v in used.items() if k not in ("checkpoint", "format")))
+    print(f"tokens evaluated: {result['tokens']:,} in {result['batches']} batches")
+    print(f"loss: {result['loss']:.4f}")
+    print(f"perplexity (token-weighted): {result['ppl']:.3f}")
+    print(f"perplexity (GaLore-compatible: exp(sum of batch losses / (batches + 1))): {result['galore_ppl']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main, "eval_ppl.py"))
