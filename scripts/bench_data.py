@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import sys
 import time
@@ -75,7 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--train-reps", type=int, default=3)
     args = p.parse_args(argv)
 
-    print(f"torch threads {torch.get_num_threads()}; positions/s = (batch x seq_len) per second\n")
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start, torch threads "
+          f"{torch.get_num_threads()}; positions/s = (batch x seq_len) per second\n")
     print("| config | data | pipeline workers | pipeline positions/s | epochs read | training positions/s | ratio |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for path in args.configs:
