@@ -25,6 +25,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -73,8 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--method-set", action="append", default=[], metavar="METHOD:SECTION.KEY=VALUE",
                    help="override for one method (e.g. galore:optim.galore_rank=64)")
     p.add_argument("--evals", type=int, default=4, help="validation evaluations per run (the loss curve's points)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores / jobs threads; step times "
-                                                       "are then measured under shared load)")
+    p.add_argument("--jobs", type=int, help="runs at once, each with cores / jobs threads (default 1; 2 with --quick: "
+                                            "one-thread runs side by side beat two-thread runs on a busy small CPU); "
+                                            "step times are then measured under shared load")
     p.add_argument("--measure-batch", type=int, default=8, help="batch of the in-process memory measurement "
                                                                 "(scaled linearly to the micro-batch)")
     return p.parse_args(argv)
@@ -255,10 +257,11 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(f"compare_galore: {len(runs)} run(s) of {facts['steps']} steps ({facts['tokens']:,} tokens) each, "
           f"config {facts['config']}, output {out}", flush=True)
-    import threading
     lock = threading.Lock()
-    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+    jobs = max(1, args.jobs or (2 if args.quick else 1))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    facts.update(jobs=jobs, threads=threads)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
         recs = list(pool.map(lambda r: execute(r, threads, lock), runs))
     rows = []
     for run, rec in zip(runs, recs):

@@ -118,7 +118,9 @@ def write_markdown(rows: list[dict], facts: dict, path: Path) -> None:
         "parameters, gradients, and the optimizer's state after one real step (GaLore's low-rank moments and "
         "projection matrices included). Peak memory is from the run's log: "
         + ("CUDA max allocated / reserved." if gpu else "process peak RSS (includes Python, torch and DeepSpeed)."),
-        "Tokens/s and step time are medians of the logged steps; ratios are to the full-rank run.",
+        "Tokens/s and step time are medians of the logged steps; ratios are to the full-rank run"
+        + (f" (runs {facts['jobs']} at a time, {facts['threads']} thread(s) each: timings share the machine)."
+           if facts.get("jobs", 1) > 1 else "."),
         "",
         "| method | lr | ppl | GaLore ppl | ppl / full-rank | saved MiB / micro-batch | saved / full-rank | "
         "params MiB | grads MiB | optimizer state MiB | peak MiB | tokens/s | step time / full-rank | wall s |",
