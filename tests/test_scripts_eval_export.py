@@ -126,3 +126,12 @@ def test_round_trip_train_zero2_two_processes(setup, tmp_path):
     # One process evaluates every batch itself, so GaLore's figure matches between the single-process views.
     assert from_ds["galore_ppl"] == pytest.approx(here["galore_ppl"], rel=1e-5)
     assert from_final["galore_ppl"] == pytest.approx(here["galore_ppl"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_eval_ppl_on_real_c4_shards(setup, c4_sample):
+    """--data as a directory of C4 shards and as one .json.gz file: the same validation documents."""
+    shard = c4_sample / "c4-validation.00000-of-00001.json.gz"
+    by_dir, by_file = (eval_json(setup["final"], data, "--max-tokens", 500) for data in (c4_sample, shard))
+    assert by_dir["config"]["source"] == "local" and by_dir["tokens"] > 0
+    assert (by_dir["loss"], by_dir["tokens"]) == (by_file["loss"], by_file["tokens"])

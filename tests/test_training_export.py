@@ -99,6 +99,10 @@ def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_model(tmp_path / "missing")
     one_line(e, tmp_path / "missing", "no such directory")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "model.safetensors")
+    one_line(e, tmp_path / "model.safetensors", "is a file")
 
 
 def copy_final(setup, tmp_path):

@@ -45,6 +45,9 @@ class CheckpointSource:
 def resolve_checkpoint(path) -> CheckpointSource:
     """Find the weights, run config and tokenizer that `path` designates (see the module docstring)."""
     path = Path(path)
+    if path.is_file():
+        raise CheckpointError(f"{path}: is a file; pass the directory that holds it (an exported final/, a "
+                              f"run output directory or a DeepSpeed checkpoint directory)")
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such directory; pass an exported final/ directory, a run "
                               f"output directory, or a DeepSpeed checkpoint directory")
