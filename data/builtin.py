@@ -59,7 +59,8 @@ def _summaries_file() -> Path:
     return path
 
 
-def _digest(title: str) -> int:
+def title_digest(title: str) -> int:
+    """SHA-1 of the title as an integer: fixes the split (mod 10) and the document order."""
     return int.from_bytes(hashlib.sha1(title.encode("utf-8")).digest(), "big")
 
 
@@ -86,7 +87,7 @@ def builtin_corpus_dir(cache: Path) -> Path:
             if text:
                 title = entry.get("title") or key
                 url = "https://en.wikipedia.org/wiki/" + urllib.parse.quote(title.replace(" ", "_"))
-                rows.append((_digest(title), {"text": text, "timestamp": "", "url": url}))
+                rows.append((title_digest(title), {"text": text, "timestamp": "", "url": url}))
         rows.sort(key=lambda r: r[0])
         train = [doc for d, doc in rows if d % VALIDATION_EVERY]
         val = [doc for d, doc in rows if d % VALIDATION_EVERY == 0]

@@ -2,7 +2,8 @@
 
 The built-in model is sentencepiece BPE with byte fallback (no unknown characters), trained once on
 the built-in corpus' train split with the model's vocabulary size and cached under the cache
-directory as `tokenizer-builtin-bpe-<vocab>.model`; ids unk/bos/eos = 0/1/2, no pad id.
+directory as `tokenizer-builtin-wiki-v1-bpe-<vocab>.model`; ids unk/bos/eos = 0/1/2, no pad id.
+Normalisation is the identity (text round-trips exactly), digits are split.
 `encode` never adds BOS/EOS: packing adds EOS (see data/packing.py).
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from data.builtin import builtin_corpus_dir, cache_lock
+from data.builtin import CORPUS_DIR, builtin_corpus_dir, cache_lock
 from data.config import DataConfig, DataError
 from data.sources import hub_offline_reason, parse_record, split_shards
 
@@ -77,7 +78,7 @@ class Tokenizer:
 
 
 def _train_builtin(cache: Path, vocab_size: int) -> Path:
-    final = cache / f"tokenizer-builtin-bpe-{vocab_size}.model"
+    final = cache / f"tokenizer-{CORPUS_DIR}-bpe-{vocab_size}.model"
     if final.is_file():
         return final
     builtin_corpus_dir(cache)  # takes the lock itself
@@ -97,7 +98,7 @@ def _train_builtin(cache: Path, vocab_size: int) -> Path:
                     character_coverage=0.9995, input_sentence_size=MAX_TRAIN_DOCS, shuffle_input_sentence=True,
                     max_sentence_length=1 << 16, split_digits=True, normalization_rule_name="identity",
                     remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-                    num_threads=os.cpu_count() or 1, minloglevel=2)
+                    num_threads=2, minloglevel=2)  # fixed: the thread count is recorded in the file
             except RuntimeError as e:
                 raise DataError(f"data.tokenizer=builtin: cannot train a {vocab_size}-token BPE model on the "
                                 f"built-in corpus ({str(e).splitlines()[0]}); lower model.vocab_size or set "

