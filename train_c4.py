@@ -15,14 +15,19 @@ import shutil
 import sys
 import time
 
+from data import DataError, TrainBatches, load_tokenizer, validation_batches
 from training.checkpoint import (check_compatible, clean_stale, find_resume, load_checkpoint, rng_state,
                                  save_checkpoint, set_rng_state)
 from training.config import ConfigError, load_config, resolve_batch
 from training.distributed import barrier, init_distributed, launcher_env, shutdown
 from training.errors import CheckpointError
-from training.trainer import (RunError, Trainer, build_engine, build_model, check_model_data, check_output_dir,
-                              describe, output_paths, seed_everything)
+from training.evaluate import evaluate
+from training.export import save_final
+from training.metrics import Metrics, flops_per_token, peak_flops
 from training.optim import check_optimizer_config
+from training.trainer import (NonFiniteLoss, RunError, Trainer, build_engine, build_model, check_model_data, check_output_dir,
+                              describe, output_paths, seed_everything)
+from velora import stored_bytes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,16 +50,21 @@ def train(args) -> None:
     check_optimizer_config(cfg)
     check_model_data(cfg)
     check_output_dir(cfg.train.output_dir, args.resume)
-    batch = resolve_batch(cfg.deepspeed, launcher_env(args.local_rank)[1])
-    dist = init_distributed(args.local_rank)
-    say = print if dist.is_main else (lambda *a, **k: None)
+    world_size = launcher_env(args.local_rank)[1]
+    batch = resolve_batch(cfg.deepspeed, world_size)
     global_batch, micro, accum, _ = batch
     cfg.deepspeed.update(train_batch_size=global_batch, train_micro_batch_size_per_gpu=micro,
                          gradient_accumulation_steps=accum)
+    run_dir, ckpt_root = output_paths(cfg)
+    resume_dir, resume_notes = find_resume(args.resume, ckpt_root, world_size) if args.resume else (None, [])
+    if resume_dir is not None:
+        resume_notes += check_compatible(resume_dir, cfg)
+
+    dist = init_distributed(args.local_rank)
+    say = print if dist.is_main else (lambda *a, **k: None)
     seed_everything(cfg.train.seed)
 
     # --- data: the tokenizer and the built-in corpus are built once, by rank 0 first ---
-    from data import TrainBatches, load_tokenizer, validation_batches
     if not dist.is_main:
         barrier()  # wait for rank 0 to fill the caches
     tokenizer = load_tokenizer(cfg.data, cfg.model.vocab_size)
@@ -73,17 +83,11 @@ def train(args) -> None:
     for note in notes:
         say(note)
 
-    # --- output directory and resume ---
-    run_dir, ckpt_root = output_paths(cfg)
+    # --- resume, then the output directory ---
     step, tokens_seen = 0, 0
-    resume_dir = None
-    if args.resume:
-        resume_dir, notes = find_resume(args.resume, ckpt_root, dist.world_size)
-        for note in notes:
-            say(note)
+    for note in resume_notes:
+        say(note)
     if resume_dir is not None:
-        for note in check_compatible(resume_dir, cfg):
-            say(note)
         state = load_checkpoint(engine, resume_dir, dist.rank)
         step, tokens_seen = state["step"], state["tokens_seen"]
         batches.load_state_dict(state["data"])
@@ -97,10 +101,6 @@ def train(args) -> None:
     barrier()
 
     # --- the loop ---
-    from training.evaluate import evaluate
-    from training.metrics import Metrics, flops_per_token, peak_flops
-    from velora import stored_bytes
-
     bf16 = bool(cfg.deepspeed.get("bf16", {}).get("enabled"))
     n_no_embed = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     peak, mfu_label = peak_flops(dist.device, bf16)
@@ -121,7 +121,11 @@ def train(args) -> None:
     try:
         while step < cfg.train.max_steps:
             t0 = time.perf_counter()
-            loss, step_tokens, grad_norm, lr = trainer.step(step + 1)
+            try:
+                loss, step_tokens, grad_norm, lr = trainer.step(step + 1)
+            except NonFiniteLoss as e:
+                raise RunError(f"{e}; last good checkpoint: {f'step_{saved_at}' if saved_at else 'none'} "
+                               f"(lower optim.lr or set deepspeed.gradient_clipping, then --resume auto)") from None
             step += 1
             tokens_seen += step_tokens
             metrics.train_step(step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_seen=tokens_seen,
@@ -142,7 +146,6 @@ def train(args) -> None:
     # --- export and the final figure ---
     if result is None:  # resumed a finished run: evaluate what the checkpoint holds
         result = evaluate(engine.module, val_batches)
-    from training.export import save_final
     final = save_final(engine.module, cfg, tokenizer.model_path, run_dir / "final")
     say(f"exported {final} (last checkpoint: step {saved_at})")
     say(f"final validation: ppl {result['ppl']:.2f} (token-weighted), galore_ppl {result['galore_ppl']:.2f}, "
@@ -151,7 +154,6 @@ def train(args) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from data import DataError
     try:
         train(args)
     except (ConfigError, DataError, CheckpointError, RunError) as e:

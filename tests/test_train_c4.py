@@ -146,3 +146,11 @@ def test_existing_run_needs_resume(tmp_path):
     (tmp_path / "run" / "checkpoints" / "step_5").mkdir(parents=True)
     assert_one_line_error(train(tmp_path / "run", check=False), "already holds checkpoints (latest: step_5)",
                           "--resume auto")
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    p = train(out, "optim.lr=1e36", "optim.warmup_ratio=0.0", "train.save_every=1", check=False)
+    assert_one_line_error(p, "non-finite loss (nan) at step 2: stopped before updating the weights; "
+                             "last good checkpoint: step_1", "--resume auto")
+    assert (out / "checkpoints" / "latest").read_text() == "step_1" and not (out / "final").exists()

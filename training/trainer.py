@@ -26,6 +26,10 @@ class RunError(RuntimeError):
     """A run that cannot start or continue (unwritable output, diverged loss): one-line message."""
 
 
+class NonFiniteLoss(RunError):
+    """The loss became inf/nan; raised before the optimizer step that would apply it."""
+
+
 def seed_everything(seed: int) -> None:
     """Same seed on every rank: identical initial weights everywhere (DeepSpeed also broadcasts them)."""
     random.seed(seed)
@@ -100,7 +104,7 @@ class Trainer:
         micro-batches, tokens with a label this step over all ranks, gradient norm or None, the
         learning rate this step used).
 
-        A non-finite loss raises RunError before the weights are updated."""
+        A non-finite loss raises NonFiniteLoss before the weights are updated."""
         engine, device = self.engine, self.dist.device
         loss_sum, tokens, grad_norm = 0.0, 0, None
         lr = float(engine.get_lr()[0])
@@ -115,9 +119,8 @@ class Trainer:
                 loss_sum, tokens = all_reduce_sum([loss_sum, tokens], device)
                 mean = loss_sum / (self.accum * self.dist.world_size)
                 if not math.isfinite(mean):
-                    raise RunError(f"non-finite loss ({mean}) at step {step}: stopped before updating the "
-                                   f"weights; the last good checkpoint is kept (lower optim.lr or enable "
-                                   f"deepspeed.gradient_clipping, then --resume auto)")
+                    raise NonFiniteLoss(f"non-finite loss ({mean}) at step {step}: stopped before updating "
+                                        f"the weights")
                 if self.own_grad_norm:
                     grad_norm = self._grad_norm()
             engine.step()
