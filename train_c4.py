@@ -25,8 +25,8 @@ from training.evaluate import evaluate
 from training.export import save_final
 from training.metrics import Metrics, flops_per_token, peak_flops
 from training.optim import check_optimizer_config
-from training.trainer import (NonFiniteLoss, RunError, Trainer, build_engine, build_model, check_model_data, check_output_dir,
-                              describe, output_paths, seed_everything)
+from training.trainer import (NonFiniteLoss, RunError, Trainer, build_engine, build_model, check_model_data,
+                              check_output_dir, describe, output_paths, seed_everything)
 from velora import stored_bytes
 
 
@@ -110,10 +110,10 @@ def train(args) -> None:
                       flops_per_token=flops_per_token(cfg.model, n_no_embed), peak=peak)
     trainer = Trainer(engine, iter(batches), accum, dist)
 
-    def save(step):
-        state = {"step": step, "tokens_seen": tokens_seen, "world_size": dist.world_size,
+    def save(at: int):
+        state = {"step": at, "tokens_seen": tokens_seen, "world_size": dist.world_size,
                  "data": batches.state_dict(), "rng": rng_state()}
-        path = save_checkpoint(engine, ckpt_root, step, state, rank=dist.rank, run_config=cfg,
+        path = save_checkpoint(engine, ckpt_root, at, state, rank=dist.rank, run_config=cfg,
                                tokenizer_path=tokenizer.model_path, keep_last=cfg.train.keep_last)
         metrics.print(f"saved checkpoint {path}")
 

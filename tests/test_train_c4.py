@@ -90,11 +90,13 @@ def test_stop_and_resume_reproduces_the_losses_bitwise(reference, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_processes_match_one_process(reference, tmp_path, stage):
+@pytest.mark.parametrize("stage, launcher", [(2, "deepspeed"), (3, "deepspeed"), (1, "torchrun")])
+def test_two_processes_match_one_process(reference, tmp_path, stage, launcher):
     ref, _ = reference
     out = tmp_path / "run"
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", free_port()]
+    launcher = {"deepspeed": [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"],
+                "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]}[launcher]
+    launcher += ["--master_port", free_port()]
     p = train(out, f"deepspeed.zero_optimization.stage={stage}", args=["--stop-at", "3"], launcher=launcher)
     assert "2 process(es)" in p.stdout and "micro 4 x accumulation 1 x 2 ranks" in p.stdout
     got, want = losses(out), losses(ref)
