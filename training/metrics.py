@@ -82,7 +82,7 @@ class Metrics:
         log_path = run_dir / "train_log.jsonl"
         _truncate_log(log_path, start_step)
         self.log = open(log_path, "a")
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
         self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
                         mininterval=1.0, dynamic_ncols=True)
 
