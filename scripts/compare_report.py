@@ -120,7 +120,9 @@ def write_markdown(rows: list[dict], facts: dict, path: Path) -> None:
         + ("CUDA max allocated / reserved." if gpu else "process peak RSS (includes Python, torch and DeepSpeed)."),
         "Tokens/s and step time are medians of the logged steps; ratios are to the full-rank run"
         + (f" (runs {facts['jobs']} at a time, {facts['threads']} thread(s) each: timings share the machine)."
-           if facts.get("jobs", 1) > 1 else "."),
+           if facts.get("jobs", 1) > 1 else ".")
+        + ("" if gpu else " On a shared CPU the runs meet different outside load, so these timing ratios do not "
+           "measure a method's cost; `scripts/bench_velora.py time` measures step time with interleaved repetitions."),
         "",
         "| method | lr | ppl | GaLore ppl | ppl / full-rank | saved MiB / micro-batch | saved / full-rank | "
         "params MiB | grads MiB | optimizer state MiB | peak MiB | tokens/s | step time / full-rank | wall s |",
@@ -163,15 +165,16 @@ def write_plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    for r in rows:
-        if r.get("selected") and r.get("curve"):
-            xs, ys = zip(*r["curve"])
-            ax1.plot(xs, ys, marker="o", label=f"{r['label']} (lr {r['lr']:g})")
-            mem = (r["saved_bytes_micro"] + r["param_bytes"] + r["grad_bytes"] + r["optim_state_bytes"]) / MIB
-            ax2.scatter([mem], [r["val_ppl"]], s=40)
-            ax2.annotate(r["label"], (mem, r["val_ppl"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    markers = "osD^vP*X"
+    for i, r in enumerate(r for r in rows if r.get("selected") and r.get("curve")):
+        label, color, marker = f"{r['label']} (lr {r['lr']:g})", f"C{i}", markers[i % len(markers)]
+        xs, ys = zip(*r["curve"])
+        ax1.plot(xs, ys, marker=marker, color=color, label=label)
+        mem = (r["saved_bytes_micro"] + r["param_bytes"] + r["grad_bytes"] + r["optim_state_bytes"]) / MIB
+        ax2.scatter([mem], [r["val_ppl"]], s=50, color=color, marker=marker, label=label)
     ax1.set(xlabel="training tokens", ylabel="validation loss", title="validation loss vs tokens")
     ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
     ax1.grid(alpha=0.3)
     ax2.set(xlabel="params + grads + optimizer state + saved activations per micro-batch (MiB)",
             ylabel="validation perplexity", title="perplexity vs memory")

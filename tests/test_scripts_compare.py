@@ -16,7 +16,7 @@ import compare_galore  # noqa: E402
 # a 2-step budget on a 32-wide model (the quick preset's data and methods)
 SMALL = ["--quick", "--tokens", "512", "--evals", "1", "--jobs", "2", "--measure-batch", "2",
          "--set", "model.hidden_size=32", "--set", "model.intermediate_size=86", "--set", "model.num_attention_heads=2",
-         "--set", "data.seq_len=16", "--set", "data.val_tokens=512", "--set", "model.loss_chunk_size=64"]
+         "--set", "data.seq_len=16", "--set", "data.val_tokens=512"]
 
 
 @pytest.mark.slow
