@@ -85,6 +85,24 @@ def test_load_deepspeed_checkpoints(ds_runs, stage, caplog):
 
 # ---- bad input: one line naming the file -------------------------------------------------------------
 
+def test_load_zero0_checkpoint_with_galore_optimizer_state(setup, tmp_path):
+    """ZeRO 0 keeps the optimizer state beside the weights; GaLore's holds pickled projector objects,
+    which must not stop a weights-only load (and must not import or run galore_torch)."""
+    galore = pytest.importorskip("galore_torch.galore_projector")
+    tag = tmp_path / "checkpoints" / "step_1"
+    tag.mkdir(parents=True)
+    weights = {k: v for k, v in setup["model"].state_dict().items() if ".basis." not in k}
+    projector = galore.GaLoreProjector(rank=4)
+    projector.ortho_matrix = torch.randn(8, 4)
+    torch.save({"module": weights, "optimizer": {"state": {0: {"projector": projector}}}},
+               tag / "mp_rank_00_model_states.pt")
+    setup["rc"].save(tag / "run_config.json")
+    shutil.copyfile(setup["tok"], tag / "tokenizer.model")
+    model, _, _ = load_model(tag)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids()), setup["model"](ids()), atol=0, rtol=0)
+
+
 def one_line(excinfo, *fragments):
     msg = str(excinfo.value)
     assert "\n" not in msg

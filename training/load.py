@@ -93,6 +93,13 @@ def _check_archives(tag_dir: Path) -> None:
                                   f"(e.g. an earlier step_N)")
 
 
+class _OpaqueState:
+    """Stand-in for objects pickled inside a ZeRO-0 optimizer state, which loading weights never needs."""
+
+
+_OPTIMIZER_OBJECTS = ("galore_torch.galore_projector.GaLoreProjector",)
+
+
 def deepspeed_state_dict(tag_dir) -> dict:
     """The full-precision weights (and buffers) of one DeepSpeed checkpoint directory, consolidated on
     CPU: ZeRO 1-3 through DeepSpeed's zero_to_fp32 (fp32 master weights), ZeRO 0 from the module."""
@@ -112,7 +119,10 @@ def deepspeed_state_dict(tag_dir) -> dict:
         raise CheckpointError(f"{tag_dir}: has no {ZERO0_MODEL_FILE} and no *_optim_states.pt; "
                               f"not a complete DeepSpeed checkpoint")
     try:
-        states = torch.load(file, map_location="cpu", weights_only=True)
+        # ZeRO 0 stores the optimizer state in the same file; GaLore's holds pickled projector objects.
+        # Map them to an inert stand-in (nothing of galore_torch is imported or run): only "module" is used.
+        with torch.serialization.safe_globals([(_OpaqueState, name) for name in _OPTIMIZER_OBJECTS]):
+            states = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{file}: cannot be read with torch.load(weights_only=True) "
                               f"({str(e).splitlines()[0]})") from None
