@@ -19,6 +19,7 @@ from data import DataError, TrainBatches, load_tokenizer, validation_batches
 from training.checkpoint import (check_compatible, clean_stale, find_resume, load_checkpoint, rng_state,
                                  save_checkpoint, set_rng_state)
 from training.config import ConfigError, load_config, resolve_batch
+from training.crash import GracefulStop, pause_point
 from training.distributed import barrier, init_distributed, launcher_env, shutdown
 from training.errors import CheckpointError
 from training.evaluate import evaluate
@@ -108,7 +109,8 @@ def train(args) -> None:
     metrics = Metrics(run_dir, is_main=dist.is_main, max_steps=cfg.train.max_steps, start_step=step,
                       log_every=cfg.train.log_every, device=dist.device, world_size=dist.world_size,
                       flops_per_token=flops_per_token(cfg.model, n_no_embed), peak=peak)
-    trainer = Trainer(engine, iter(batches), accum, dist)
+    stop = GracefulStop()  # from here on SIGTERM/SIGINT mean: save at the next step boundary, exit 0
+    trainer = Trainer(engine, iter(batches), accum, dist, stop)
 
     def save(at: int):
         state = {"step": at, "tokens_seen": tokens_seen, "world_size": dist.world_size,
@@ -133,14 +135,19 @@ def train(args) -> None:
                                velora_bytes=stored_bytes(engine.module) if velora_summary else None)
             if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
                 result = evaluate(engine.module, val_batches)
+                pause_point("eval", step)
                 metrics.evaluation(step, result)
-            if step % cfg.train.save_every == 0 or step == cfg.train.max_steps or step == args.stop_at:
+            stopping = step == args.stop_at or trainer.stop_requested
+            if step % cfg.train.save_every == 0 or step == cfg.train.max_steps or stopping:
                 save(step)
                 saved_at = step
-            if step == args.stop_at and step < cfg.train.max_steps:
-                metrics.print(f"stopped after step {step} (--stop-at); continue with --resume auto")
+            if stopping and step < cfg.train.max_steps:
+                why = "--stop-at" if step == args.stop_at else stop.signal or "a signal on another rank"
+                metrics.print(f"stopped after step {step} ({why}); checkpoint step_{step} saved; continue "
+                              f"with --resume auto")
                 return
     finally:
+        stop.restore()
         metrics.close()
 
     # --- export and the final figure ---

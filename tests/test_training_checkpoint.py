@@ -20,7 +20,7 @@ TINY = "configs/llama_tiny.json"
 def fake_checkpoint(root, step, world=1, cfg=None):
     d = root / f"step_{step}"
     d.mkdir(parents=True)
-    (d / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    torch.save({"module": {}}, d / "mp_rank_00_model_states.pt")
     (cfg or load_config(TINY)).save(d / RUN_CONFIG)
     for r in range(world):
         (d / rank_state_name(r)).write_text(json.dumps({"step": step, "world_size": world}))

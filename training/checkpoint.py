@@ -10,7 +10,11 @@ Layout under `<output_dir>/checkpoints/`:
 A save goes to `step_N.tmp/`, every file is fsynced, the directory is renamed to `step_N/`, and only
 then is `latest` replaced (write + fsync + rename). A kill at any instant therefore leaves `latest`
 naming a complete checkpoint. Older checkpoints beyond `train.keep_last` are renamed away before
-they are deleted, so a half-deleted directory never looks like a checkpoint.
+they are deleted, so a half-deleted directory never looks like a checkpoint. A save that fails (disk
+full, permissions) removes its temporary directory and raises CheckpointError: the run stops with
+the previous checkpoint intact rather than training on without one. On resume, a checkpoint with
+missing files, truncated tensor files or an unreadable state is skipped with a warning (see
+`find_resume`). Tests kill runs inside a save through `crash.pause_point`.
 """
 from __future__ import annotations
 
@@ -19,11 +23,13 @@ import os
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .crash import pause_point
 from .distributed import barrier
 from .errors import CheckpointError
 
@@ -111,28 +117,37 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, rank_state: dict, *, ran
             if tokenizer_path:
                 shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
         barrier()
+        pause_point("checkpoint_write", step)
         if rank == 0:
-            _commit(tmp, final, ckpt_root)
+            _commit(tmp, final, ckpt_root, step)
             prune(ckpt_root, keep_last)
         barrier()
-    except OSError as e:
+    # torch.save reports a failed write (e.g. a full disk) as RuntimeError, Python file calls as OSError
+    except (OSError, RuntimeError) as e:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        why = (e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e) else
+               type(e).__name__)
         previous = read_latest(ckpt_root)
-        raise CheckpointError(f"saving checkpoint {tag} in {ckpt_root} failed ({e.strerror or e}); "
-                              f"the previous checkpoint {previous or '(none)'} is intact; free space or fix "
-                              f"permissions, then resume with --resume auto") from None
+        raise CheckpointError(f"saving checkpoint {tag} in {ckpt_root} failed ({why}); the previous checkpoint "
+                              f"{previous or '(none)'} is intact; free space or fix permissions, then resume "
+                              f"with --resume auto") from e
     return final
 
 
-def _commit(tmp: Path, final: Path, ckpt_root: Path) -> None:
+def _commit(tmp: Path, final: Path, ckpt_root: Path, step: int) -> None:
     for f in tmp.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        elif f.is_dir():
+            fsync_dir(f)
     fsync_dir(tmp)
     if final.exists():  # re-saving a step (e.g. after resuming from an older checkpoint)
         final.rename(final.with_name(final.name + ".trash"))
     tmp.rename(final)
     fsync_dir(ckpt_root)
+    pause_point("checkpoint_commit", step)
     atomic_write_text(ckpt_root / "latest", final.name)
     shutil.rmtree(final.with_name(final.name + ".trash"), ignore_errors=True)
 
@@ -171,6 +186,15 @@ def problem(step_dir: Path, world_size: int) -> str | None:
         missing.append("*model_states.pt")
     if missing:
         return f"missing {', '.join(missing)}"
+    # torch.save writes zip archives; a truncated one has lost its central directory at the end
+    broken = [f.name for f in sorted(step_dir.glob("*.pt")) if not zipfile.is_zipfile(f)]
+    if broken:
+        return f"truncated or unreadable {', '.join(broken)}"
+    for name in [RUN_CONFIG] + [rank_state_name(r) for r in range(world_size)]:
+        try:
+            json.loads((step_dir / name).read_text())
+        except ValueError as e:
+            return f"unreadable {name} ({e})"
     return None
 
 

@@ -58,10 +58,17 @@ def _count(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+        return math.inf
+
+
 def _truncate_log(path: Path, last_step: int) -> None:
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    keep = [line for line in path.read_text(errors="replace").splitlines() if _step_of(line) <= last_step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(path)

@@ -17,6 +17,7 @@ from model import LlamaForCausalLM
 
 from .checkpoint import read_latest, step_dirs
 from .config import ConfigError, RunConfig
+from .crash import pause_point
 from .distributed import DistInfo, all_reduce_sum
 from .optim import build_optimizer, zero_stage
 from .schedule import build_scheduler
@@ -87,10 +88,14 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig):
 
 
 class Trainer:
-    """One optimizer step = `accum` micro-batches through the DeepSpeed engine."""
+    """One optimizer step = `accum` micro-batches through the DeepSpeed engine.
 
-    def __init__(self, engine, batches, accum: int, dist: DistInfo):
-        self.engine, self.batches, self.accum, self.dist = engine, batches, accum, dist
+    `stop` (a crash.GracefulStop or None): whether any rank caught SIGTERM/SIGINT is summed with
+    the loss, so all ranks agree on `.stop_requested` after the same step."""
+
+    def __init__(self, engine, batches, accum: int, dist: DistInfo, stop=None):
+        self.engine, self.batches, self.accum, self.dist, self.stop = engine, batches, accum, dist, stop
+        self.stop_requested = False
         # DeepSpeed reports the gradient norm from its ZeRO/bf16 optimizers only; at ZeRO 0 in fp32
         # the gradients sit in .grad (already averaged over ranks at the boundary), so we measure it.
         self.own_grad_norm = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
@@ -116,7 +121,10 @@ class Trainer:
             loss_sum += float(loss.detach())
             tokens += int((labels != -100).sum())
             if micro == self.accum - 1:
-                loss_sum, tokens = all_reduce_sum([loss_sum, tokens], device)
+                pause_point("step", step)
+                asked = float(self.stop is not None and self.stop.requested)
+                loss_sum, tokens, asked = all_reduce_sum([loss_sum, tokens, asked], device)
+                self.stop_requested = asked > 0
                 mean = loss_sum / (self.accum * self.dist.world_size)
                 if not math.isfinite(mean):
                     raise NonFiniteLoss(f"non-finite loss ({mean}) at step {step}: stopped before updating "

@@ -1,0 +1,205 @@
+"""Crash safety of train_c4.py: SIGKILL at exact points (the VELORA_TEST_PAUSE_AT hook) and
+`--resume auto` reproduce the uninterrupted losses bitwise (one process, CPU fp32); SIGTERM/SIGINT
+save and exit 0; a failed save stops the run with the previous checkpoint intact.
+
+train_log.jsonl after a kill: the resumed run drops every record past the step it restored (and a
+line cut short by the kill), so the log reads as one run; the test asserts exactly one record per
+step rather than taking the last record per step, which would hide duplicates.
+"""
+import errno
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train_c4 import REPO, TINY, assert_one_line_error, env, losses, train
+from training.checkpoint import (RUN_CONFIG, find_resume, problem, rank_state_name, read_latest,
+                                 save_checkpoint)
+from training.config import load_config
+from training.errors import CheckpointError
+from training.metrics import _truncate_log
+
+STEPS = 20
+EVERY = ["train.eval_every=5", "train.save_every=5", "train.keep_last=3"]
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def start(out, *args, pause=None, extra_env=None):
+    """Start train_c4.py in the background (the tiny model of test_train_c4)."""
+    sets = [*TINY, *EVERY, f"train.max_steps={STEPS}", f"train.output_dir={out}"]
+    e = env() | (extra_env or {})
+    if pause:
+        e |= {"VELORA_TEST_PAUSE_AT": pause, "VELORA_TEST_PAUSE_MARKER": str(out.parent / "paused")}
+    cmd = [sys.executable, "train_c4.py", "--config", "configs/llama_tiny.json",
+           *[a for s in sets for a in ("--set", s)], *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def kill_at(out, pause, *args):
+    """Run until the pause point `pause`, then SIGKILL the process there."""
+    marker = out.parent / "paused"
+    marker.unlink(missing_ok=True)
+    p = start(out, *args, pause=pause)
+    deadline = time.monotonic() + 300  # an upper bound only: the kill waits for the marker, not a delay
+    while not marker.exists():
+        if p.poll() is not None or time.monotonic() > deadline:
+            p.kill()
+            pytest.fail(f"never reached {pause}: rc {p.returncode}\n" + "".join(p.communicate())[-3000:])
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    assert p.returncode == -signal.SIGKILL
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    p = start(out)
+    stdout, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_anywhere_then_resume_auto_reproduces_the_run_bitwise(reference, tmp_path):
+    out = tmp_path / "run"
+    ckpts = out / "checkpoints"
+    # (pause point, what `latest` must name right after the kill)
+    kills = [("step:8", "step_5"),               # mid-step: gradients computed, not applied
+             ("eval:10", "step_5"),              # validation done, not yet logged or saved
+             ("checkpoint_write:10", "step_5"),  # files written into step_10.tmp/
+             ("checkpoint_commit:15", "step_10")]  # step_15/ renamed in, latest not yet updated
+    for i, (pause, latest) in enumerate(kills):
+        kill_at(out, pause, *(["--resume", "auto"] if i else []))
+        assert read_latest(ckpts) == latest, pause
+        assert problem(ckpts / latest, 1) is None, pause  # latest always names a complete checkpoint
+    assert (ckpts / "step_15").is_dir()  # complete but not yet named by latest: resume redoes step 15
+    p = start(out, "--resume", "auto")
+    stdout, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "resumed from" in stdout and "at step 10" in stdout
+
+    got, want = records(out), records(reference)
+    assert [(r["kind"], r["step"]) for r in got] == [(r["kind"], r["step"]) for r in want]  # no duplicates
+    assert losses(out) == losses(reference)  # bitwise: float equality of every step's loss
+    evals = lambda rs: [(r["step"], r["loss"], r["galore_ppl"]) for r in rs if r["kind"] == "eval"]  # noqa: E731
+    assert evals(got) == evals(want)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_10", "step_15", "step_20"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_and_sigint_save_at_the_next_step_and_exit_0(tmp_path, sig):
+    out = tmp_path / "run"
+    p = start(out, "--set", "train.max_steps=100000")
+    deadline = time.monotonic() + 300
+    while not ((out / "train_log.jsonl").is_file() and len(records(out)) >= 2):
+        assert p.poll() is None and time.monotonic() < deadline, "".join(p.communicate())[-3000:]
+        time.sleep(0.05)
+    p.send_signal(sig)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    step = records(out)[-1]["step"]
+    assert f"stopped after step {step} ({sig.name}); checkpoint step_{step} saved; continue with --resume auto" \
+        in stdout
+    assert read_latest(out / "checkpoints") == f"step_{step}" and not (out / "final").exists()
+    assert problem(out / "checkpoints" / f"step_{step}", 1) is None
+
+
+# torch.save reports a full disk as RuntimeError from its zip writer; Python file calls as OSError.
+FULL_DISK = {"oserror": "OSError(errno.ENOSPC, 'No space left on device')",
+             "runtimeerror": "RuntimeError('PytorchStreamWriter failed writing file data/0: file write failed')"}
+
+
+@pytest.mark.parametrize("kind", FULL_DISK)
+def test_failed_save_stops_keeping_the_previous_checkpoint(tmp_path, kind):
+    """The disk 'fills' at step 10: torch.save writes half a file into step_10.tmp/ and fails."""
+    out = tmp_path / "run"
+    code = (f"import errno, sys, torch, train_c4\n"
+            f"real = torch.save\n"
+            f"def save(obj, f, *a, **k):\n"
+            f"    if 'step_10' in str(f):\n"
+            f"        open(f, 'wb').write(b'PK half a file')\n"
+            f"        raise {FULL_DISK[kind]}\n"
+            f"    return real(obj, f, *a, **k)\n"
+            f"torch.save = save\n"
+            f"sys.exit(train_c4.main(sys.argv[1:]))\n")
+    sets = [*TINY, *EVERY, f"train.max_steps={STEPS}", f"train.output_dir={out}"]
+    p = subprocess.run([sys.executable, "-c", code, "--config", "configs/llama_tiny.json",
+                        *[a for s in sets for a in ("--set", s)]], cwd=REPO, env=env(), capture_output=True,
+                       text=True, timeout=600)
+    why = "No space left on device" if kind == "oserror" else "PytorchStreamWriter failed writing file data/0: file write failed"
+    assert_one_line_error(p, f"saving checkpoint step_10 in {out / 'checkpoints'} failed ({why}); the previous "
+                             f"checkpoint step_5 is intact; free space or fix permissions, then resume with "
+                             f"--resume auto")
+    assert sorted(x.name for x in (out / "checkpoints").iterdir()) == ["latest", "step_5"]  # no step_10.tmp
+    assert read_latest(out / "checkpoints") == "step_5" and not (out / "final").exists()
+    assert max(r["step"] for r in records(out)) == 10  # stopped: no step after the failed save
+
+
+# --- in-process pieces ---
+
+def fake_checkpoint(root, step):
+    d = root / f"step_{step}"
+    d.mkdir(parents=True)
+    torch.save({"module": {}}, d / "mp_rank_00_model_states.pt")
+    load_config("configs/llama_tiny.json").save(d / RUN_CONFIG)
+    (d / rank_state_name(0)).write_text(json.dumps({"step": step, "world_size": 1}))
+    return d
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda d: (d / "mp_rank_00_model_states.pt").write_bytes(
+        (d / "mp_rank_00_model_states.pt").read_bytes()[:100]), "truncated or unreadable mp_rank_00_model_states.pt"),
+    (lambda d: (d / rank_state_name(0)).write_text('{"step": 2, "wor'), f"unreadable {rank_state_name(0)}"),
+    (lambda d: (d / RUN_CONFIG).write_text("{"), f"unreadable {RUN_CONFIG}"),
+    (lambda d: (d / RUN_CONFIG).unlink(), f"missing {RUN_CONFIG}"),
+])
+def test_resume_auto_skips_a_damaged_latest_and_says_why(tmp_path, damage, why):
+    root = tmp_path / "checkpoints"
+    older, newest = fake_checkpoint(root, 1), fake_checkpoint(root, 2)
+    (root / "latest").write_text("step_2")
+    damage(newest)
+    path, notes = find_resume("auto", root, 1)
+    assert path == older and len(notes) == 1 and "\n" not in notes[0]
+    assert notes[0].startswith(f"warning: skipping checkpoint {newest} ({why}")
+    with pytest.raises(CheckpointError, match="is not a usable checkpoint"):
+        find_resume(str(newest), root, 1)
+
+
+class FailingEngine:
+    """Stands in for a DeepSpeed engine whose disk fills halfway through writing a checkpoint."""
+
+    def save_checkpoint(self, save_dir, tag, **kw):
+        d = Path(save_dir) / tag
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "mp_rank_00_model_states.pt").write_bytes(b"PK")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_failed_save_removes_its_temporary_directory(tmp_path):
+    root = tmp_path / "checkpoints"
+    fake_checkpoint(root, 5)
+    (root / "latest").write_text("step_5")
+    with pytest.raises(CheckpointError) as e:
+        save_checkpoint(FailingEngine(), root, 10, {}, rank=0, run_config=None, tokenizer_path=None, keep_last=2)
+    assert str(e.value) == (f"saving checkpoint step_10 in {root} failed (No space left on device); the previous "
+                            f"checkpoint step_5 is intact; free space or fix permissions, then resume with "
+                            f"--resume auto")
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_5"]
+
+
+def test_resumed_log_drops_records_past_the_restored_step_and_a_cut_line(tmp_path):
+    log = tmp_path / "train_log.jsonl"
+    lines = [json.dumps({"kind": "train", "step": s}) for s in (1, 2, 3, 4)]
+    log.write_text("\n".join(lines) + "\n" + '{"kind": "train", "st')  # killed mid-write
+    _truncate_log(log, 2)
+    assert log.read_text() == lines[0] + "\n" + lines[1] + "\n"
