@@ -1,0 +1,150 @@
+"""docs/ERRORS.md is the catalogue of bad inputs: every row names a test that exists, and the rows no
+other test covers are proved here. The `test_cli_*` tests run the real train_c4.py: exit code 2,
+exactly one `error:` line on stderr, no traceback (unless --debug), no output directory left behind.
+"""
+import importlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+from data import DataError
+from test_data_inputs import good, lines_shard, read_all
+from test_train_c4 import REPO, TINY, assert_one_line_error, env
+from training.config import ConfigError, load_config, resolve_batch
+from training.trainer import check_model_data
+
+CATALOGUE = REPO / "docs" / "ERRORS.md"
+CONFIG = "configs/llama_tiny.json"
+TEST_ID = re.compile(r"(tests/test_\w+\.py)::(test_\w+)")
+
+
+def catalogue_rows() -> list[list[str]]:
+    """The table rows of docs/ERRORS.md (header and separator rows left out), as lists of cells."""
+    rows = []
+    for line in CATALOGUE.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
+        if len(cells) == 3 and cells[0] != "case" and not set(cells[0]) <= set("-"):
+            rows.append(cells)
+    return rows
+
+
+def test_every_row_names_tests_that_exist():
+    rows = catalogue_rows()
+    assert len(rows) >= 20
+    for case, message, tests in rows:
+        ids = TEST_ID.findall(tests)
+        assert case and message and ids, (case, tests)
+        for path, name in ids:
+            module = importlib.import_module(path.removeprefix("tests/").removesuffix(".py"))
+            assert callable(getattr(module, name, None)), f"docs/ERRORS.md row {case!r}: {path}::{name} does not exist"
+
+
+def cli(out, *sets, args=()):
+    cmd = [sys.executable, "train_c4.py", "--config", CONFIG,
+           *[a for s in [*TINY, f"train.output_dir={out}", *sets] for a in ("--set", s)], *args]
+    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+
+
+# --- configs ---
+
+def test_cli_config_file_missing(tmp_path):
+    p = subprocess.run([sys.executable, "train_c4.py", "--config", str(tmp_path / "nope.json")], cwd=REPO,
+                       env=env(), capture_output=True, text=True, timeout=600)
+    assert_one_line_error(p, f"{tmp_path / 'nope.json'}: config file not found")
+    p = subprocess.run([sys.executable, "train_c4.py", "--config", str(tmp_path / "nope.json"), "--debug"],
+                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and "Traceback" in p.stderr and "ConfigError" in p.stderr
+
+
+def test_config_not_json(tmp_path):
+    (tmp_path / "cfg.json").write_text('{"train": {"max_steps": 3,}}')
+    with pytest.raises(ConfigError, match=r"cfg.json: not valid JSON \(line 1, column 27: Expecting "):
+        load_config(tmp_path / "cfg.json")
+
+
+def test_cli_wrong_type_through_set(tmp_path):
+    out = tmp_path / "run"
+    assert_one_line_error(cli(out, "train.max_steps=ten"), "train.max_steps: expected int, got 'ten'")
+    assert not out.exists()
+
+
+def test_value_out_of_range():
+    with pytest.raises(ConfigError, match=r"llama_tiny.json: train.save_every: must be positive, got 0$"):
+        load_config(CONFIG, ["train.save_every=0"])
+
+
+def test_inconsistent_batch_triple():
+    with pytest.raises(ConfigError, match=r"^deepspeed: train_batch_size=16 != train_micro_batch_size_per_gpu=4 x "
+                                          r"gradient_accumulation_steps=2 x world size 1; drop one to derive it$"):
+        resolve_batch({"train_batch_size": 16, "train_micro_batch_size_per_gpu": 4,
+                       "gradient_accumulation_steps": 2}, 1)
+
+
+def test_velora_sub_token_size_not_positive():
+    with pytest.raises(ConfigError, match=r"velora.sub_token_size: must be positive \(or 0 for the paper's "
+                                          r"grouping\), got -4$"):
+        load_config(CONFIG, ["velora.targets=all", "velora.sub_token_size=-4"])
+
+
+def test_velora_targets_that_do_not_exist():
+    with pytest.raises(ConfigError, match=r"velora.targets: unknown projection\(s\) qkv_proj; known: q_proj, "):
+        load_config(CONFIG, ["velora.targets=[v_proj,qkv_proj]"])
+    with pytest.raises(ConfigError, match=r"velora.targets: unknown preset 'everything'; use one of "):
+        load_config(CONFIG, ["velora.targets=everything"])
+
+
+def test_velora_init_unknown():
+    with pytest.raises(ConfigError, match=r"velora.init: expected batch_average_once, .* got 'ema:2'$"):
+        load_config(CONFIG, ["velora.init=ema:2"])
+
+
+def test_cli_seq_len_exceeds_max_sequence_length(tmp_path):
+    with pytest.raises(ConfigError, match=r"^data.seq_len=128 exceeds model.max_sequence_length=64; "):
+        check_model_data(load_config(CONFIG, [*TINY, "data.seq_len=128"]))
+    out = tmp_path / "run"
+    assert_one_line_error(cli(out, "data.seq_len=128"), "data.seq_len=128 exceeds model.max_sequence_length=64")
+    assert not out.exists()
+
+
+# --- data ---
+
+@pytest.mark.parametrize("bad, counter", [(b'{"url": "no text"}', "missing_text"),
+                                          (b'{"text": "\xff\xfe 12"}', "bad_utf8")])
+def test_malformed_lines_over_the_threshold(tmp_path, bad, counter):
+    lines_shard(tmp_path / "c4-train.00000-of-00001.json.gz", good(20) + [bad] * 3)
+    with pytest.raises(DataError, match=rf"^c4-train.00000-of-00001.json.gz: 3 of 23 lines are malformed "
+                                        rf"\(3 {counter}\), more than data.max_bad_fraction=0.01; fix or remove "
+                                        rf"the file, or raise data.max_bad_fraction$"):
+        read_all(tmp_path)
+
+
+def test_cli_data_path_missing(tmp_path):
+    out = tmp_path / "run"
+    p = cli(out, "data.source=local", f"data.path={tmp_path / 'nowhere'}", "data.tokenizer=builtin")
+    assert_one_line_error(p, f"data.path: {tmp_path / 'nowhere'} does not exist; point it at a directory of C4 "
+                             f"shards")
+    assert not out.exists()
+
+
+def test_cli_tokenizer_vocab_mismatch(tmp_path):
+    from ckpt_helpers import VOCAB, write_tokenizer
+    tok = write_tokenizer(tmp_path / "sp.model")
+    out = tmp_path / "run"
+    p = cli(out, f"data.tokenizer={tok}", "model.vocab_size=64")
+    assert_one_line_error(p, f"data.tokenizer: {tok} has {VOCAB - 28} tokens but model.vocab_size is 64; "
+                             f"raise model.vocab_size or use a smaller tokenizer")
+    assert not out.exists()
+
+
+# --- checkpoints ---
+
+def test_cli_resume_not_a_checkpoint(tmp_path):
+    (tmp_path / "junk").mkdir()
+    out = tmp_path / "run"
+    p = cli(out, args=["--resume", str(tmp_path / "junk")])
+    assert_one_line_error(p, f"--resume {tmp_path / 'junk'}: {tmp_path / 'junk'} is not a usable checkpoint "
+                             f"(missing run_config.json, trainer_state_rank0.json, *model_states.pt); pass a "
+                             f"checkpoints/step_N directory or --resume auto")
+    assert not out.exists()
