@@ -1,5 +1,6 @@
 """Crash safety of train_c4.py: SIGKILL at exact points (the VELORA_TEST_PAUSE_AT hook) and
-`--resume auto` reproduce the uninterrupted losses bitwise (one process, CPU fp32); SIGTERM/SIGINT
+`--resume auto` reproduce the uninterrupted losses bitwise (one process, CPU fp32; plain AdamW and
+VeLoRA + GaLore) and within 1e-6 (two processes, ZeRO 2); SIGTERM/SIGINT
 save and exit 0; a failed save stops the run with the previous checkpoint intact.
 
 train_log.jsonl after a kill: the resumed run drops every record past the step it restored (and a
@@ -8,6 +9,7 @@ step rather than taking the last record per step, which would hide duplicates.
 """
 import errno
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train_c4 import REPO, TINY, assert_one_line_error, env, losses, train
+from test_train_c4 import REPO, TINY, assert_one_line_error, env, free_port, losses
 from training.checkpoint import (RUN_CONFIG, find_resume, problem, rank_state_name, read_latest,
                                  save_checkpoint)
 from training.config import load_config
@@ -32,44 +34,55 @@ def records(out):
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
-def start(out, *args, pause=None, extra_env=None):
-    """Start train_c4.py in the background (the tiny model of test_train_c4)."""
-    sets = [*TINY, *EVERY, f"train.max_steps={STEPS}", f"train.output_dir={out}"]
-    e = env() | (extra_env or {})
+# Besides plain AdamW: VeLoRA's v buffers and GaLore's projectors (refreshed every 3 steps, so across
+# every resume point) must come back from the checkpoint too.
+VARIANTS = {"adamw": [], "velora_galore": ["velora.targets=all", "velora.sub_token_size=8", "optim.name=galore_adamw",
+                                           "optim.galore_rank=8", "optim.galore_update_proj_gap=3"]}
+
+
+def start(out, *args, pause=None, variant="adamw", launcher=()):
+    """Start train_c4.py in the background (the tiny model of test_train_c4), in its own process group."""
+    sets = [*TINY, *EVERY, *VARIANTS[variant], f"train.max_steps={STEPS}", f"train.output_dir={out}"]
+    e = env()
     if pause:
         e |= {"VELORA_TEST_PAUSE_AT": pause, "VELORA_TEST_PAUSE_MARKER": str(out.parent / "paused")}
-    cmd = [sys.executable, "train_c4.py", "--config", "configs/llama_tiny.json",
+    cmd = [*(launcher or [sys.executable]), "train_c4.py", "--config", "configs/llama_tiny.json",
            *[a for s in sets for a in ("--set", s)], *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
-def kill_at(out, pause, *args):
-    """Run until the pause point `pause`, then SIGKILL the process there."""
+def kill_at(out, pause, *args, variant="adamw", launcher=(), ranks=1):
+    """Run until all `ranks` processes sit at the pause point `pause`, then SIGKILL them (and the launcher)."""
     marker = out.parent / "paused"
     marker.unlink(missing_ok=True)
-    p = start(out, *args, pause=pause)
+    p = start(out, *args, pause=pause, variant=variant, launcher=launcher)
     deadline = time.monotonic() + 300  # an upper bound only: the kill waits for the marker, not a delay
-    while not marker.exists():
+    while len(pids := marker.read_text().split() if marker.exists() else []) < ranks:
         if p.poll() is not None or time.monotonic() > deadline:
-            p.kill()
+            for pid in [p.pid, *map(int, pids)]:
+                os.killpg(pid, signal.SIGKILL)
             pytest.fail(f"never reached {pause}: rc {p.returncode}\n" + "".join(p.communicate())[-3000:])
         time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
+    for pid in pids:  # torchrun starts each rank in a session of its own
+        os.kill(int(pid), signal.SIGKILL)
+    os.killpg(p.pid, signal.SIGKILL)
     p.communicate()
     assert p.returncode == -signal.SIGKILL
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def reference(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
-    p = start(out)
+    p = start(out, variant=request.param)
     stdout, stderr = p.communicate(timeout=600)
     assert p.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    return out
+    return out, request.param
 
 
 @pytest.mark.slow
 def test_sigkill_anywhere_then_resume_auto_reproduces_the_run_bitwise(reference, tmp_path):
+    reference, variant = reference
     out = tmp_path / "run"
     ckpts = out / "checkpoints"
     # (pause point, what `latest` must name right after the kill)
@@ -78,11 +91,11 @@ def test_sigkill_anywhere_then_resume_auto_reproduces_the_run_bitwise(reference,
              ("checkpoint_write:10", "step_5"),  # files written into step_10.tmp/
              ("checkpoint_commit:15", "step_10")]  # step_15/ renamed in, latest not yet updated
     for i, (pause, latest) in enumerate(kills):
-        kill_at(out, pause, *(["--resume", "auto"] if i else []))
+        kill_at(out, pause, *(["--resume", "auto"] if i else []), variant=variant)
         assert read_latest(ckpts) == latest, pause
         assert problem(ckpts / latest, 1) is None, pause  # latest always names a complete checkpoint
     assert (ckpts / "step_15").is_dir()  # complete but not yet named by latest: resume redoes step 15
-    p = start(out, "--resume", "auto")
+    p = start(out, "--resume", "auto", variant=variant)
     stdout, stderr = p.communicate(timeout=600)
     assert p.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert "resumed from" in stdout and "at step 10" in stdout
@@ -93,6 +106,31 @@ def test_sigkill_anywhere_then_resume_auto_reproduces_the_run_bitwise(reference,
     evals = lambda rs: [(r["step"], r["loss"], r["galore_ppl"]) for r in rs if r["kind"] == "eval"]  # noqa: E731
     assert evals(got) == evals(want)
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_10", "step_15", "step_20"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_sigkill_in_a_checkpoint_write_then_resume(tmp_path):
+    """torchrun x 2, ZeRO 2 (partitioned optimizer state, a data position per rank): losses within 1e-6."""
+    def run(out, *args, pause=None):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    free_port()]
+        sets = ["--set", "deepspeed.zero_optimization.stage=2"]
+        if pause:
+            return kill_at(out, pause, *sets, *args, launcher=launcher, ranks=2)
+        p = start(out, *sets, *args, launcher=launcher)
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stdout[-3000:] + stderr[-3000:]
+
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    run(ref)
+    run(out, pause="checkpoint_write:10")
+    assert read_latest(out / "checkpoints") == "step_5" and problem(out / "checkpoints" / "step_5", 2) is None
+    run(out, "--resume", "auto")
+    got, want = losses(out), losses(ref)
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    for s in got:
+        assert got[s] == pytest.approx(want[s], rel=1e-6, abs=1e-6), (s, got[s], want[s])
 
 
 @pytest.mark.slow

@@ -6,20 +6,21 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 PAUSE_ENV, MARKER_ENV = "VELORA_TEST_PAUSE_AT", "VELORA_TEST_PAUSE_MARKER"
 
 
 def pause_point(name: str, step: int) -> None:
     """TEST ONLY. With VELORA_TEST_PAUSE_AT=<name>:<step> (e.g. `checkpoint_write:10`, `eval:10`,
-    `step:13`), write the file VELORA_TEST_PAUSE_MARKER and sleep until killed, so a test can
-    SIGKILL the run exactly here. Points: `step` (mid-step: gradients computed, not yet applied),
-    `eval` (validation done, not yet logged), `checkpoint_write` (files in step_N.tmp/, not renamed),
-    `checkpoint_commit` (step_N/ renamed, `latest` not yet updated). Unset: does nothing."""
+    `step:13`), append this process's pid to the file VELORA_TEST_PAUSE_MARKER and sleep until
+    killed, so a test can SIGKILL the run exactly here. Points: `step` (mid-step: gradients
+    computed, not yet applied), `eval` (validation done, not yet logged), `checkpoint_write` (files
+    in step_N.tmp/, not renamed), `checkpoint_commit` (rank 0 only: step_N/ renamed, `latest` not
+    yet updated). Unset: does nothing."""
     if os.environ.get(PAUSE_ENV) != f"{name}:{step}":
         return
-    Path(os.environ.get(MARKER_ENV, "velora_paused")).write_text(f"{name}:{step} pid {os.getpid()}\n")
+    with open(os.environ.get(MARKER_ENV, "velora_paused"), "a") as f:  # one line per paused process
+        f.write(f"{os.getpid()}\n")
     while True:
         time.sleep(3600)
 
