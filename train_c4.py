@@ -24,7 +24,7 @@ from training.distributed import barrier, init_distributed, launcher_env, shutdo
 from training.errors import CheckpointError
 from training.evaluate import evaluate
 from training.export import save_final
-from training.metrics import Metrics, flops_per_token, peak_flops
+from training.metrics import Metrics, data_counts, describe_skips, flops_per_token, peak_flops
 from training.optim import check_optimizer_config
 from training.trainer import (NonFiniteLoss, RunError, Trainer, build_engine, build_model, check_model_data,
                               check_output_dir, describe, output_paths, seed_everything)
@@ -137,6 +137,7 @@ def train(args) -> None:
                 result = evaluate(engine.module, val_batches)
                 pause_point("eval", step)
                 metrics.evaluation(step, result)
+                metrics.data(step, data_counts(batches.stats, dist.device))
             stopping = step == args.stop_at or trainer.stop_requested
             if step % cfg.train.save_every == 0 or step == cfg.train.max_steps or stopping:
                 save(step)
@@ -155,6 +156,7 @@ def train(args) -> None:
         result = evaluate(engine.module, val_batches)
     final = save_final(engine.module, cfg, tokenizer.model_path, run_dir / "final")
     say(f"exported {final} (last checkpoint: step {saved_at})")
+    say(describe_skips(data_counts(batches.stats, dist.device)))
     say(f"final validation: ppl {result['ppl']:.2f} (token-weighted), galore_ppl {result['galore_ppl']:.2f}, "
         f"{result['tokens']} tokens")
 

@@ -22,6 +22,8 @@ from data.config import DataConfig, DataError
 ALTERNATIVES = ("set data.source=local with data.path=<a directory of c4-train.*.json.gz / "
                 "c4-validation.*.json.gz shards>, or data.source=builtin")
 MALFORMED = ("bad_json", "bad_utf8", "missing_text")
+# Everything the readers skip and count (malformed lines count towards data.max_bad_fraction).
+SKIPPED = MALFORMED + ("empty_docs", "blank_lines", "empty_shards")
 
 
 class LocalShard:

@@ -156,3 +156,24 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path
     assert_one_line_error(p, "non-finite loss (nan) at step 2: stopped before updating the weights; "
                              "last good checkpoint: step_1", "--resume auto")
     assert (out / "checkpoints" / "latest").read_text() == "step_1" and not (out / "final").exists()
+
+
+@pytest.mark.slow
+def test_skipped_lines_are_counted_and_reported(tmp_path):
+    import gzip
+
+    words = "the river city stone green light paper north small large read write".split()
+    docs = [json.dumps({"text": " ".join(words[(i + j) % len(words)] for j in range(40))}) for i in range(300)]
+    shards = tmp_path / "c4"
+    shards.mkdir()
+    for split, lines in (("train", docs[:150] + ["{not json", json.dumps({"url": "no text"})] + docs[150:]),
+                         ("validation", docs[:50])):
+        with gzip.open(shards / f"c4-{split}.00000-of-00001.json.gz", "wt") as f:
+            f.write("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    p = train(out, "data.source=local", f"data.path={shards}", "data.val_tokens=512", steps=3)
+    assert "data: " in p.stdout and "skipped: 1 bad_json, 1 missing_text" in p.stdout, p.stdout[-2000:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert events.Scalars("data/bad_json")[-1].value == 1 and events.Scalars("data/docs")[-1].value > 0

@@ -14,6 +14,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from data.sources import SKIPPED
+
+from .distributed import all_reduce_sum
+
 # Dense peak TFLOP/s per GPU by device-name substring (first match wins): (bf16, tf32).
 PEAK_TFLOPS = [("H200", 989.0, 494.7), ("H100 PCIe", 756.0, 378.0), ("H100", 989.0, 494.7),
                ("A100", 312.0, 156.0), ("L40S", 362.0, 183.0), ("A6000", 154.8, 77.4), ("L4", 121.0, 60.0),
@@ -45,6 +49,18 @@ def peak_memory(device: torch.device) -> dict:
         return {"mem/cuda_max_allocated": torch.cuda.max_memory_allocated(device),
                 "mem/cuda_max_reserved": torch.cuda.max_memory_reserved(device)}
     return {"mem/peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def data_counts(stats: dict, device: torch.device) -> dict:
+    """The data iterator's document and skip counts, summed over ranks (every rank must call it)."""
+    keys = ("docs",) + SKIPPED
+    return dict(zip(keys, (int(v) for v in all_reduce_sum([float(stats.get(k, 0)) for k in keys], device))))
+
+
+def describe_skips(counts: dict) -> str:
+    """One line: documents read and what was skipped (the skip-and-count policy of data/)."""
+    skipped = ", ".join(f"{counts[k]} {k}" for k in SKIPPED if counts.get(k))
+    return f"data: {counts['docs']} documents read; skipped: {skipped or 'nothing'}"
 
 
 def _gib(n: float) -> str:
@@ -138,6 +154,12 @@ class Metrics:
         self._record({"kind": "eval", "step": step, **result})
         self.print(f"eval at step {step}: loss {result['loss']:.4f} | ppl {result['ppl']:.2f} (token-weighted) | "
                    f"galore_ppl {result['galore_ppl']:.2f} (GaLore's batches+1 figure) | {result['tokens']} tokens")
+
+    def data(self, step: int, counts: dict) -> None:
+        """Documents read and lines/documents skipped so far (from `data_counts`), to TensorBoard."""
+        if self.is_main:
+            for k, v in counts.items():
+                self.tb.add_scalar(f"data/{k}", v, step)
 
     def close(self) -> None:
         if self.is_main:
