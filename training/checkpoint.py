@@ -32,6 +32,7 @@ import torch
 from .crash import pause_point
 from .distributed import barrier
 from .errors import CheckpointError
+from .files import atomic_write_text, fsync_dir
 
 TAG_RE = re.compile(r"^step_(\d+)$")
 RUN_CONFIG = "run_config.json"
@@ -39,26 +40,6 @@ RUN_CONFIG = "run_config.json"
 
 def rank_state_name(rank: int) -> str:
     return f"trainer_state_rank{rank}.json"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def rng_state() -> dict:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,8 @@ from pathlib import Path
 from data.config import DataConfig
 from model import LlamaConfig
 from velora.config import VeLoRAConfig
+
+from .files import atomic_write_text
 
 
 class ConfigError(ValueError):
@@ -89,10 +90,7 @@ class RunConfig:
 
     def save(self, path: str | Path) -> None:
         """Write the resolved config (after overrides) as JSON, atomically."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 SECTIONS = {"model": LlamaConfig, "velora": VeLoRAConfig, "data": DataConfig, "optim": OptimConfig,
