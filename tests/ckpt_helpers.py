@@ -51,7 +51,7 @@ def write_run_config(path: Path, tokenizer: Path, corpus: Path, output_dir: Path
 
 def with_velora(model):
     """VeLoRA on v_proj and down_proj with v set by one training forward: checkpoints carry its
-    buffers (`...basis.v`, `...basis.initialized`), exports must not."""
+    buffers (`...codec.v`, `...codec.initialized`), exports must not."""
     from velora import VeLoRAConfig, apply_velora
     apply_velora(model, VeLoRAConfig(targets="paper", sub_token_size=8))
     model(torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(9)))

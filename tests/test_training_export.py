@@ -35,7 +35,7 @@ def test_export_layout_is_a_plain_llama(setup):
                                                        "tokenizer.model"]
     from safetensors.torch import load_file
     tensors = load_file(final / "model.safetensors")
-    assert any(".basis." in k for k in setup["model"].state_dict())  # VeLoRA buffers exist...
+    assert any(".codec." in k for k in setup["model"].state_dict())  # VeLoRA buffers exist...
     assert set(tensors) == set(LlamaForCausalLM(setup["rc"].model).state_dict())  # ...and are not exported
     assert all(t.dtype == torch.float32 for t in tensors.values())
     assert json.loads((final / "config.json").read_text()) == setup["rc"].model.to_hf_dict()
@@ -91,7 +91,7 @@ def test_load_zero0_checkpoint_with_galore_optimizer_state(setup, tmp_path):
     galore = pytest.importorskip("galore_torch.galore_projector")
     tag = tmp_path / "checkpoints" / "step_1"
     tag.mkdir(parents=True)
-    weights = {k: v for k, v in setup["model"].state_dict().items() if ".basis." not in k}
+    weights = {k: v for k, v in setup["model"].state_dict().items() if ".codec." not in k}
     projector = galore.GaLoreProjector(rank=4)
     projector.ortho_matrix = torch.randn(8, 4)
     torch.save({"module": weights, "optimizer": {"state": {0: {"projector": projector}}}},

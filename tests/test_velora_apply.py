@@ -23,7 +23,7 @@ def _loss(model, ids):
 def _assert_exact_at_m1(plain):
     """With M = 1 (and r = 1) every sub-token is reconstructed exactly: gradients equal the plain model's."""
     model, summary = apply_velora(copy.deepcopy(plain), VeLoRAConfig(targets="all", sub_token_size=1))
-    assert len(summary.modules) == 14 and not summary.warnings
+    assert len(summary.modules) == 12 and not summary.warnings
     ids = torch.randint(0, 128, (2, 12))
     loss, ref = _loss(model, ids), _loss(plain, ids)
     assert torch.equal(loss, ref)
@@ -53,11 +53,11 @@ def test_parameter_names_groups_and_buffers():
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in plain.named_parameters()]
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     assert isinstance(attn.q_proj, VeLoRALinear)
-    assert attn.q_proj.basis is attn.k_proj.basis is attn.v_proj.basis
-    assert mlp.gate_proj.basis is mlp.up_proj.basis and mlp.down_proj.basis is not mlp.up_proj.basis
-    assert (attn.q_proj.basis.sub_token_size, mlp.down_proj.basis.sub_token_size) == (1, 2)  # ceil(64/64), ceil(172/86)
-    keys = [k for k in model.state_dict() if ".basis." in k and "layers.0." in k]
-    assert keys == [f"model.layers.0.{k}.basis.{b}" for k in ("self_attn.q_proj", "self_attn.o_proj",
+    assert attn.q_proj.codec is attn.k_proj.codec is attn.v_proj.codec
+    assert mlp.gate_proj.codec is mlp.up_proj.codec and mlp.down_proj.codec is not mlp.up_proj.codec
+    assert (attn.q_proj.codec.sub_token_size, mlp.down_proj.codec.sub_token_size) == (1, 2)  # ceil(64/64), ceil(172/86)
+    keys = [k for k in model.state_dict() if ".codec." in k and "layers.0." in k]
+    assert keys == [f"model.layers.0.{k}.codec.{b}" for k in ("self_attn.q_proj",
                     "mlp.gate_proj", "mlp.down_proj") for b in ("v", "initialized")]
     assert "q_proj+k_proj+v_proj" in str(summary)
 
@@ -66,8 +66,9 @@ def test_group_shares_one_z_and_state_dict_round_trip():
     model, _ = apply_velora(_ours(), VeLoRAConfig(targets="all", sub_token_size=8))
     ids = torch.randint(0, 128, (2, 16))
     _loss(model, ids).backward()
-    # 4 inputs per layer x 2 layers, z of 8 (=64/8) or 22 (=ceil(172/8)) floats per token, + v snapshots.
-    assert stored_bytes(model) == 2 * 32 * 4 * (3 * 8 + 22) + 2 * 4 * 4 * 8
+    # 3 inputs per layer x 2 layers (o_proj is not in `all`), z of 8 (=64/8) or 22 (=ceil(172/8)) floats
+    # per token, + v snapshots.
+    assert stored_bytes(model) == 2 * 32 * 4 * (2 * 8 + 22) + 2 * 3 * 4 * 8
     fresh, _ = apply_velora(_ours(seed=1), VeLoRAConfig(targets="all", sub_token_size=8))
     fresh.load_state_dict(model.state_dict())
     for a, b in zip(model.modules(), fresh.modules()):

@@ -1,4 +1,5 @@
-"""Two gloo processes fed different first batches end with the same v (statistics reduced first)."""
+"""Two gloo processes fed different first batches end with the same codec state (statistics reduced
+first: velora's v, pca's principal directions), while the random codecs draw different noise per rank."""
 import pytest
 import torch
 import torch.distributed as dist
@@ -20,7 +21,12 @@ def _worker(rank, init_file, out_dir):
         layers = [VeLoRALinear(20, 3, sub_token_size=8), VeLoRALinear(20, 3, sub_token_size=8, rank=2)]
         for layer in layers:
             layer(_batch(rank).requires_grad_()).sum().backward()
-        torch.save([layer.v for layer in layers], f"{out_dir}/v{rank}.pt")
+        pca = VeLoRALinear(20, 3, sub_token_size=4, codec="pca")
+        sr2 = VeLoRALinear(20, 3, codec="sr2", group_size=4)
+        for layer in (pca, sr2):
+            layer(_batch(rank).requires_grad_()).sum().backward()
+        torch.save({"v": [layer.v for layer in layers], "pca": pca.codec.basis, "sr2_forwards": sr2.codec.forwards,
+                    "sr2_seed": sr2.codec.forward_seed(0)}, f"{out_dir}/v{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -29,9 +35,12 @@ def _worker(rank, init_file, out_dir):
 @pytest.mark.slow
 def test_ranks_with_different_batches_agree_on_v(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    v0, v1 = (torch.load(tmp_path / f"v{r}.pt", weights_only=True) for r in (0, 1))
+    s0, s1 = (torch.load(tmp_path / f"v{r}.pt", weights_only=True) for r in (0, 1))
+    v0, v1 = s0["v"], s1["v"]
     for a, b in zip(v0, v1):
         assert torch.equal(a, b)
+    assert torch.equal(s0["pca"], s1["pca"]) and torch.count_nonzero(s0["pca"]) > 0
+    assert int(s0["sr2_forwards"]) == int(s1["sr2_forwards"]) == 1 and s0["sr2_seed"] != s1["sr2_seed"]
     # Rank 1: the mean sub-token over both ranks' tokens (zero-padded tail), normalised.
     x = torch.cat([_batch(0), _batch(1)])
     sub = F.pad(x, (0, 4)).reshape(-1, 8)

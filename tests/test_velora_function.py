@@ -52,7 +52,7 @@ def test_forward_and_gradients(d_in, m, rank, bias):
 def test_full_rank_orthonormal_is_exact():
     m = 8
     lin, vl = _pair(32, 16, m, rank=m, bias=True)
-    vl.basis.init = "random"          # keep the orthonormal v set below
+    vl.codec.init = "random"          # keep the orthonormal v set below
     q = torch.linalg.qr(torch.randn(m, m, dtype=torch.float64)).Q
     vl.v.copy_(q.t().float())
     vl.initialized.fill_(True)
@@ -102,7 +102,7 @@ def test_int8_coefficients_close_to_compute_dtype():
     x = torch.randn(4, 64) + 1.0
     a(x).sum().backward()
     b(x).sum().backward()
-    assert b.basis.last_stored_bytes < a.basis.last_stored_bytes
+    assert b.codec.last_stored_bytes < a.codec.last_stored_bytes
     torch.testing.assert_close(b.weight.grad, a.weight.grad, rtol=0.02, atol=0.02)
 
 
@@ -114,5 +114,5 @@ def test_eval_and_no_grad_are_plain_linear_and_leave_v():
     vl.eval()
     y = vl(x.requires_grad_())
     assert torch.equal(y, lin(x))
-    assert y.grad_fn.name() != "SubTokenLinearBackward"
+    assert y.grad_fn.name() != "CompressedLinearBackward"
     assert not vl.initialized and torch.count_nonzero(vl.v) == 0

@@ -47,7 +47,7 @@ def test_ema_follows_its_rule():
     _step(layer, x2)
     s2 = 0.9 * s1 + 0.1 * _sub_tokens(x2, 4).mean(0)
     torch.testing.assert_close(layer.v[0], F.normalize(s2, dim=0))
-    torch.testing.assert_close(layer.basis.stat, s2)
+    torch.testing.assert_close(layer.codec.stat, s2)
 
 
 def test_rank_r_uses_top_eigenvectors_of_second_moment():
@@ -77,7 +77,7 @@ def test_state_dict_round_trip_keeps_v_and_initialized():
     a = VeLoRALinear(20, 4, sub_token_size=8)
     _step(a, torch.randn(3, 20) + 1)
     sd = a.state_dict()
-    assert {"weight", "basis.v", "basis.initialized"} <= set(sd)
+    assert {"weight", "codec.v", "codec.initialized"} <= set(sd)
     b = VeLoRALinear(20, 4, sub_token_size=8)
     b.load_state_dict(sd)
     assert b.initialized and torch.equal(b.v, a.v)
@@ -91,7 +91,7 @@ def test_state_dict_round_trip_keeps_v_and_initialized():
 
 
 def test_default_sub_token_size_and_config_paper_grouping():
-    assert VeLoRALinear(512, 8).basis.sub_token_size == 8
+    assert VeLoRALinear(512, 8).codec.sub_token_size == 8
     cfg = VeLoRAConfig(targets="paper")
     assert cfg.sub_token_for("v_proj", 512) == 8 and cfg.sub_token_for("down_proj", 1376) == 16
     assert cfg.sub_token_for("down_proj", 5461) == 64          # 1B's MLP width: ceil(5461/86)
@@ -103,7 +103,7 @@ def test_non_divisible_width_5461():
     layer = VeLoRALinear(5461, 3, sub_token_size=64)
     x = torch.randn(2, 5461)
     _step(layer, x)
-    assert layer.basis.last_stored_bytes == 2 * 86 * 4 + 64 * 4    # z (2 tokens x 86) + v snapshot
+    assert layer.codec.last_stored_bytes == 2 * 86 * 4 + 64 * 4    # z (2 tokens x 86) + v snapshot
     assert layer.weight.grad.shape == (3, 5461)
 
 

@@ -19,9 +19,7 @@ from safetensors.torch import save_file
 
 from model import LlamaConfig, LlamaForCausalLM
 from training.errors import CheckpointError
-
-# Buffers VeLoRA keeps under a projection (e.g. `...v_proj.basis.v`); dropped on export.
-VELORA_BUFFERS = ("v", "initialized", "stat")
+from velora import strip_state_dict
 
 
 def expected_shapes(config: LlamaConfig) -> dict[str, torch.Size]:
@@ -37,10 +35,9 @@ def plain_state_dict(state_dict: Mapping[str, torch.Tensor], config: LlamaConfig
     names `where` (the file or directory the tensors came from).
     """
     shapes = expected_shapes(config)
-    projections = tuple(k.removesuffix("weight") for k in shapes if k.endswith("_proj.weight"))
+    state_dict = strip_state_dict(state_dict)
     missing = [k for k in shapes if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in shapes
-                  and not (k.startswith(projections) and k.rsplit(".", 1)[-1] in VELORA_BUFFERS)]
+    unexpected = [k for k in state_dict if k not in shapes]
     wrong = [f"{k} {tuple(state_dict[k].shape)} != {tuple(s)}" for k, s in shapes.items()
              if k in state_dict and state_dict[k].shape != s]
     problems = []

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .codecs import Codec, make_codec, mix_seed
 from .config import GROUPS, PROJECTIONS, VeLoRAConfig
-from .layer import SubTokenBasis, VeLoRALinear
+from .layer import VeLoRALinear
 
 
 @dataclass
@@ -17,19 +18,11 @@ class InputGroup:
     parent: str                  # e.g. "model.layers.0.self_attn"
     projections: tuple           # compressed projections reading it, e.g. ("q_proj", "k_proj", "v_proj")
     width: int                   # D
-    sub_token_size: int          # M
-    rank: int
-    coef_dtype: str
+    codec: Codec                 # what the input keeps for backward (shared by the projections)
     frees_input: bool            # False when an uncompressed sibling still saves the same tensor
 
-    @property
-    def coefficients_per_token(self) -> int:
-        return -(-self.width // self.sub_token_size) * self.rank
-
     def stored_bytes_per_token(self, dtype: torch.dtype) -> int:
-        if self.coef_dtype == "int8":
-            return self.coefficients_per_token + 4          # int8 z + one fp32 scale per row
-        return self.coefficients_per_token * torch.empty((), dtype=dtype).element_size()
+        return self.codec.stored_bytes_per_token(dtype)
 
 
 @dataclass
@@ -53,13 +46,13 @@ class VeLoRASummary:
     def __str__(self) -> str:
         if not self.groups:
             return "VeLoRA: no projections replaced"
-        rows = [("input of", "projections", "D", "M", "r", "z/token", "frees input")]
+        rows = [("input of", "projections", "D", "codec", "B/token (fp32)", "frees input")]
         for g in self.groups:
-            rows.append((g.parent, "+".join(g.projections), str(g.width), str(g.sub_token_size), str(g.rank),
-                         str(g.coefficients_per_token), "yes" if g.frees_input else "NO (partial group)"))
+            rows.append((g.parent, "+".join(g.projections), str(g.width), g.codec.describe(),
+                         str(g.stored_bytes_per_token(torch.float32)), "yes" if g.frees_input else "NO (partial group)"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        lines.append(f"{len(self.modules)} projections in {len(self.groups)} input groups; coefficients "
+        lines.append(f"{len(self.modules)} projections in {len(self.groups)} input groups; stored "
                      f"{self.stored_bytes_per_token()} B/token (fp32), inputs freed net "
                      f"{self.freed_bytes_per_token()} B/token (fp32)")
         lines += [f"warning: {w}" for w in self.warnings]
@@ -71,6 +64,18 @@ def _input_groups(names: list) -> list:
     groups = [[n for n in g if n in names] for g in GROUPS]
     grouped = {n for g in GROUPS for n in g}
     return [g for g in groups if g] + [[n] for n in names if n not in grouped]
+
+
+def _group_codec(cfg: VeLoRAConfig, chosen: list, first: nn.Linear, index: int) -> Codec:
+    """One codec per input tensor: for the codec and for M, the first member with an override decides."""
+    by_codec = [n for n in chosen if n in cfg.codec_overrides] or chosen
+    by_m = [n for n in chosen if n in cfg.sub_token_overrides] or chosen
+    name = cfg.codec_for(by_codec[0])
+    # velora's `random` init keeps its seed rule (seed + group index); the random codecs mix both.
+    seed = cfg.seed + index if name == "velora" else mix_seed(cfg.seed, index)
+    return make_codec(name, first.in_features, sub_token_size=cfg.sub_token_for(by_m[0], first.in_features),
+                      rank=cfg.rank, init=cfg.init, coef_dtype=cfg.coef_dtype, group_size=cfg.group_size,
+                      refresh_every=cfg.refresh_every, seed=seed, device=first.weight.device)
 
 
 def apply_velora(model: nn.Module, cfg: VeLoRAConfig):
@@ -95,19 +100,15 @@ def apply_velora(model: nn.Module, cfg: VeLoRAConfig):
             if not chosen:
                 continue
             first = parent._modules[chosen[0]]
-            # One M per input tensor: the first member with an override decides for the group.
-            named = [n for n in chosen if n in cfg.sub_token_overrides] or chosen
-            m = cfg.sub_token_for(named[0], first.in_features)
-            basis = SubTokenBasis(first.in_features, m, cfg.rank, cfg.init, cfg.coef_dtype,
-                                  seed=cfg.seed + len(summary.groups), device=first.weight.device)
+            codec = _group_codec(cfg, chosen, first, index=len(summary.groups))
             for i, n in enumerate(chosen):
-                setattr(parent, n, VeLoRALinear.from_linear(parent._modules[n], basis, owns_basis=i == 0))
+                setattr(parent, n, VeLoRALinear.wrap(parent._modules[n], codec, owns_codec=i == 0))
                 summary.modules.append(f"{parent_name}.{n}" if parent_name else n)
             left_out = [n for n in members if n not in chosen]
             if left_out:
                 partial.setdefault((tuple(chosen), tuple(left_out)), []).append(parent_name)
-            summary.groups.append(InputGroup(parent_name, tuple(chosen), first.in_features, m, cfg.rank,
-                                             cfg.coef_dtype, frees_input=not left_out))
+            summary.groups.append(InputGroup(parent_name, tuple(chosen), first.in_features, codec,
+                                             frees_input=not left_out))
     for (chosen, left_out), parents in partial.items():
         summary.warnings.append(
             f"{', '.join(chosen)} compressed but {', '.join(left_out)} read the same input and still save "
@@ -120,7 +121,21 @@ def apply_velora(model: nn.Module, cfg: VeLoRAConfig):
 
 
 def stored_bytes(model: nn.Module) -> int:
-    """Bytes of VeLoRA coefficients kept for backward by the model's last training forward
+    """Bytes the codecs kept for backward by the model's last training forward
     (one micro-batch), summed over input tensors: a number for logs and TensorBoard."""
-    bases = {id(m): m for m in model.modules() if isinstance(m, SubTokenBasis)}
-    return sum(b.last_stored_bytes for b in bases.values())
+    codecs = {id(m): m for m in model.modules() if isinstance(m, Codec)}
+    return sum(c.last_stored_bytes for c in codecs.values())
+
+
+def is_codec_state(key: str) -> bool:
+    """True for a state-dict key that belongs to a codec (e.g. `model.layers.0.mlp.down_proj.codec.v`)
+    rather than to the model: what VeLoRA adds to a checkpoint."""
+    parts = key.split(".")
+    return any(p in PROJECTIONS and nxt == "codec" for p, nxt in zip(parts, parts[1:]))
+
+
+def strip_state_dict(state_dict: dict) -> dict:
+    """`state_dict` without the codecs' buffers: the tensors of the plain model VeLoRA was applied
+    to (VeLoRA changes what backward stores, never the function the model computes)."""
+    return {k: v for k, v in state_dict.items() if not is_codec_state(k)}
+

@@ -1,23 +1,31 @@
-"""VeLoRAConfig: which projections to compress, and how."""
+"""VeLoRAConfig: which projections to compress, and with which activation codec."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PRESETS = {"none": (), "paper": ("v_proj", "down_proj"), "all": PROJECTIONS}
+# `all` leaves o_proj out: its input is the attention output, which scaled_dot_product_attention keeps
+# for its own backward, so compressing it frees nothing and only adds what the codec stores.
+PRESETS = {"none": (), "paper": ("v_proj", "down_proj"),
+           "all": ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")}
 # Projections that read one tensor: compressing only part of a group frees nothing for that input.
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # The official script's grouping (sub_token_size 0): a fixed number of sub-tokens per input,
 # 64 for attention-width inputs and 86 for the MLP width (M = 8 and 16 on llama_60m).
 PAPER_SUB_TOKENS = {"down_proj": 86}
 PAPER_SUB_TOKENS_DEFAULT = 64
+# What a compressed input keeps for backward (velora/codecs.py): the paper's sub-token projection
+# onto a fixed v; x itself at k bits with stochastic rounding; a random sign / Gaussian vector per
+# token and sub-token; principal directions of the whole input plus a random sketch of the rest.
+CODECS = ("velora", "sr2", "sr4", "sr8", "rademacher", "gaussian", "pca")
+INIT_RULES = ("batch_average_once", "batch_average", "random")
 
 
 def parse_init(init: str) -> float | None:
     """Validate an init rule; returns the EMA decay for `ema:<decay>`, else None."""
-    if init in ("batch_average_once", "batch_average", "random"):
+    if init in INIT_RULES:
         return None
-    if init.startswith("ema:"):
+    if isinstance(init, str) and init.startswith("ema:"):
         try:
             decay = float(init[4:])
         except ValueError:
@@ -28,26 +36,57 @@ def parse_init(init: str) -> float | None:
                      f"or random, got {init!r}")
 
 
+def check_codec(name: str, where: str = "velora.codec") -> str:
+    if name not in CODECS:
+        raise ValueError(f"{where}: unknown codec {name!r}; use one of {', '.join(CODECS)}")
+    return name
+
+
+def _check_projection_map(key: str, mapping, check_value) -> None:
+    if not isinstance(mapping, dict):
+        raise ValueError(f"velora.{key}: expected an object {{projection: value}}, got {mapping!r}")
+    for name, value in mapping.items():
+        if name not in PROJECTIONS:
+            raise ValueError(f"velora.{key}: unknown projection {name!r}; known: {', '.join(PROJECTIONS)}")
+        check_value(f"velora.{key}.{name}", value)
+
+
+def _positive_int(where: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{where}: must be a positive int, got {value!r}")
+
+
 @dataclass
 class VeLoRAConfig:
     """The run config's `velora` section.
 
-    targets: a preset name (`none`, `paper`, `all`) or a list of HF projection names.
-    sub_token_size: M, the sub-token length; 0 means the official script's grouping (a fixed number
-      of sub-tokens per width: 64 for attention-width inputs, 86 for the MLP width, as on llama_60m).
-    sub_token_overrides: per-projection M, e.g. {"down_proj": 32}.
-    rank: r unit vectors per sub-token (1 in the paper).
-    init: `batch_average_once` | `batch_average` | `ema:<decay>` | `random`.
-    coef_dtype: `compute` (the dtype autocast or the weights compute in) or `int8` (per-row scale).
-    seed: seeds `random` init.
+    targets: a preset name (`none`, `paper` = v_proj + down_proj, `all` = every projection but o_proj)
+      or a list of HF projection names.
+    codec: what a compressed input keeps for backward (one of CODECS); `codec_overrides` sets it per
+      projection, e.g. {"down_proj": "velora"} with codec "sr2". Projections that read one tensor
+      (q/k/v, gate/up) share one codec: the first member with an override decides for the group.
+    sub_token_size: M, the sub-token length of `velora`, `rademacher`, `gaussian` and `pca` (whose
+      random residual uses 2M); 0 means the official script's grouping (64 sub-tokens per
+      attention-width input, 86 per MLP-width input). `sub_token_overrides`: per-projection M.
+    rank: r vectors per sub-token (1 in the paper); `pca` keeps ceil(r * D / (2M)) principal directions.
+    init: how `velora` sets v: `batch_average_once` | `batch_average` | `ema:<decay>` | `random`.
+    coef_dtype: `compute` (the dtype autocast or the weights compute in) or `int8` (per-row scale; the
+      `velora` codec only).
+    group_size: elements per scale/offset group of `sr<k>`.
+    refresh_every: training forwards between `pca`'s recomputations of its principal directions.
+    seed: seeds `random` init and the random codecs (with the layer, the rank and the forward count).
     """
 
     targets: str | list = "none"
+    codec: str = "velora"
+    codec_overrides: dict = field(default_factory=dict)
     sub_token_size: int = 0
     sub_token_overrides: dict = field(default_factory=dict)
     rank: int = 1
     init: str = "batch_average_once"
     coef_dtype: str = "compute"
+    group_size: int = 128
+    refresh_every: int = 200
     seed: int = 0
 
     def __post_init__(self):
@@ -60,18 +99,27 @@ class VeLoRAConfig:
             if bad:
                 raise ValueError(f"velora.targets: unknown projection(s) {', '.join(map(str, bad))}; "
                                  f"known: {', '.join(PROJECTIONS)}")
-        if self.sub_token_size < 0:
+        check_codec(self.codec)
+        _check_projection_map("codec_overrides", self.codec_overrides, lambda w, v: check_codec(v, w))
+        if not isinstance(self.sub_token_size, int) or self.sub_token_size < 0:
             raise ValueError(f"velora.sub_token_size: must be positive (or 0 for the paper's grouping), "
                              f"got {self.sub_token_size}")
-        for name, m in self.sub_token_overrides.items():
-            if name not in PROJECTIONS:
-                raise ValueError(f"velora.sub_token_overrides: unknown projection {name!r}")
-            if not isinstance(m, int) or isinstance(m, bool) or m <= 0:
-                raise ValueError(f"velora.sub_token_overrides.{name}: must be a positive int, got {m!r}")
-        if self.rank < 1:
-            raise ValueError(f"velora.rank: must be >= 1, got {self.rank}")
+        _check_projection_map("sub_token_overrides", self.sub_token_overrides, _positive_int)
+        _positive_int("velora.rank", self.rank)
+        _positive_int("velora.group_size", self.group_size)
+        _positive_int("velora.refresh_every", self.refresh_every)
         if self.coef_dtype not in ("compute", "int8"):
             raise ValueError(f"velora.coef_dtype: expected 'compute' or 'int8', got {self.coef_dtype!r}")
+        if self.coef_dtype == "int8":
+            others = sorted({self.codec_for(t) for t in self.target_list} - {"velora"})
+            if others:
+                raise ValueError(f"velora.coef_dtype=int8 applies to the velora codec only, but the targets use "
+                                 f"{', '.join(others)}; set velora.coef_dtype=compute")
+        for name in self.target_list:
+            m = self.sub_token_overrides.get(name, self.sub_token_size)
+            if m and self.rank > m and self.codec_for(name) in ("velora", "rademacher", "gaussian"):
+                raise ValueError(f"velora.rank={self.rank} exceeds the sub-token size M={m} of {name}; "
+                                 f"lower velora.rank or raise velora.sub_token_size")
         parse_init(self.init)
 
     @property
@@ -81,6 +129,10 @@ class VeLoRAConfig:
     @property
     def enabled(self) -> bool:
         return bool(self.target_list)
+
+    def codec_for(self, name: str) -> str:
+        """The codec of projection `name` (an HF name)."""
+        return self.codec_overrides.get(name, self.codec)
 
     def sub_token_for(self, name: str, in_features: int) -> int:
         """M for projection `name` (an HF name) reading `in_features`-wide inputs."""

@@ -1,0 +1,173 @@
+"""What every activation codec shares: the stored tensors of one input, shared by the projections
+that read it, and reproducible randomness.
+
+A codec decides what one compressed input tensor x (..., D) leaves for backward. `encode(x)` runs in
+the training forward; `weight_grad(grad_y, stored)` rebuilds grad_W = grad_yᵀ x̂ from it as one 2-D
+fp32 matmul over all tokens. Forward output and grad_x never depend on the codec (see
+velora/function.py). State a codec needs (a basis, a forward counter) lives in buffers, so it is
+checkpointed and, being derived from statistics all-reduced over ranks, identical on every rank.
+
+Randomness comes from a generator seeded by (seed, layer, rank, forward count): a run and its resume
+draw the same numbers, and a forward recomputed by activation checkpointing draws exactly what the
+original forward drew (so checkpointing changes no gradient).
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+_MASK64 = (1 << 64) - 1
+
+
+def inside_backward() -> bool:
+    """True while autograd runs backward, e.g. when activation checkpointing recomputes a forward:
+    state must not be updated a second time from that recomputation."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 over them): distinct inputs give unrelated streams."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
+        h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _MASK64
+        h ^= h >> 31
+    return h >> 1
+
+
+def _signature(x: torch.Tensor) -> tuple:
+    return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype, x.device)
+
+
+def world_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def all_reduce_(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over every rank in place (a no-op outside torch.distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class Encoded:
+    """What one compressed input leaves for backward: tensors for `save_for_backward` (None allowed)
+    and plain Python values the codec needs to rebuild x̂ (a seed, a token count)."""
+
+    tensors: tuple
+    meta: Any
+    nbytes: int
+
+
+class Codec(nn.Module):
+    """Base class. Subclasses set `name`, `counts_forwards` (they keep a `forwards` buffer: the number
+    of training forwards seen, for seeding and schedules) and implement `stored_bytes_per_token`,
+    `encode` and `weight_grad`; `observe` updates state from a training batch."""
+
+    name = ""
+    counts_forwards = False
+
+    def __init__(self, width: int, seed: int = 0, device=None):
+        super().__init__()
+        self.width, self.seed = width, seed
+        if self.counts_forwards:
+            self.register_buffer("forwards", torch.zeros((), dtype=torch.int64, device=device))
+        self._forwards = None         # Python mirror of the buffer: no device sync per forward
+        self._cache = None
+        self.last_stored_bytes = 0
+
+    # --- what subclasses provide -------------------------------------------------------------
+    def stored_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """Exact bytes stored per token when the layer computes in `dtype`."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """A short label for tables, e.g. `velora M=8 r=1`."""
+        return self.name
+
+    def fixed_stored_bytes(self) -> int:
+        """Bytes stored per forward independently of the token count (e.g. a snapshot of v)."""
+        return 0
+
+    def observe(self, x: torch.Tensor, forward: int | None) -> None:
+        """Update state from the training batch x before it is encoded (default: nothing)."""
+
+    def encode(self, x: torch.Tensor, forward: int | None) -> tuple[tuple, Any]:
+        """(tensors to save, meta) for input x; `forward` is this forward's index (None when the
+        codec does not count forwards)."""
+        raise NotImplementedError
+
+    def weight_grad(self, grad_y: torch.Tensor, tensors: tuple, meta: Any, in_features: int) -> torch.Tensor:
+        """grad_W (out, in_features) in fp32 from grad_y (tokens, out) in fp32 and what `encode` stored."""
+        raise NotImplementedError
+
+    # --- shared machinery --------------------------------------------------------------------
+    def forward_seed(self, forward: int) -> int:
+        """The seed of training forward number `forward` of this codec on this rank."""
+        return mix_seed(self.seed, world_rank(), forward)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._forwards = None
+        self._cache = None
+
+    def _tick(self, recompute: bool) -> int | None:
+        if not self.counts_forwards:
+            return None
+        if self._forwards is None:
+            self._forwards = int(self.forwards)
+        if recompute:                        # the forward being recomputed is the last one counted
+            return max(self._forwards - 1, 0)
+        n = self._forwards
+        self._forwards = n + 1
+        self.forwards.fill_(n + 1)
+        return n
+
+    def encoded(self, x: torch.Tensor, user: nn.Module) -> Encoded:
+        """What input x leaves for backward (training forwards only), updating state first.
+
+        The result is cached (by weak reference): another projection (`user`) reading the same tensor
+        gets the very same tensors, so autograd stores them once and x itself is freed. "The same
+        tensor" means the same storage, view and version, not the same Python object: DeepSpeed
+        ZeRO-3 hands every module a detached alias of its input. The same user calling again is a
+        new forward and encodes again.
+        """
+        c = self._cache
+        if c is not None and c["x"] == _signature(x) and x._version == c["version"] and id(user) not in c["users"]:
+            c["users"].add(id(user))
+            tensors = [r() if r is not None else None for r in c["refs"]]
+            if all(t is not None for t, r in zip(tensors, c["refs"]) if r is not None):
+                return Encoded(tuple(tensors), c["meta"], c["nbytes"])
+            # Autograd dropped them (activation checkpointing keeps nothing in its first forward):
+            # the same input in the same forward, so encode it again with the same randomness.
+            return self._encode(x, c["forward"], c["users"])
+        recompute = inside_backward()
+        forward = self._tick(recompute)
+        if not recompute:
+            self.observe(x, forward)
+        return self._encode(x, forward, {id(user)})
+
+    def _encode(self, x: torch.Tensor, forward: int | None, users: set) -> Encoded:
+        tensors, meta = self.encode(x, forward)
+        own = {b.untyped_storage().data_ptr() for b in self.buffers()}
+        nbytes = sum(t.numel() * t.element_size() for t in tensors
+                     if t is not None and t.untyped_storage().data_ptr() not in own)
+        self._cache = {"x": _signature(x), "version": x._version, "forward": forward, "users": users, "meta": meta,
+                       "nbytes": nbytes, "refs": [weakref.ref(t) if t is not None else None for t in tensors]}
+        self.last_stored_bytes = nbytes
+        return Encoded(tuple(tensors), meta, nbytes)

@@ -1,0 +1,80 @@
+"""`pca`: principal directions of the whole input, plus an unbiased random sketch of the rest
+(the idea of PRAC, Li et al. 2026; ESPACE, Sakr & Khailany 2024, keeps the principal part only).
+
+Sub-tokens discard the low-rank structure activations have: with the same K numbers per token, the
+top-K principal directions of the D-wide input keep far more of its energy than K sub-token
+coefficients (ACTIVATION-COMPRESSION.md). This codec keeps, per token, the coefficients c = Uᵀ x on
+the p leading eigenvectors U (D x p) of the input's second moment, and sketches the residual
+x - U c with an independent random sign vector per token and sub-token of size 2M (RandomVectors).
+x̂ = U c + sketch⁻¹ is unbiased. U is recomputed from one batch every `refresh_every` training
+forwards, from statistics summed over ranks, so every rank holds the same U (a buffer, checkpointed).
+With the default budget (p = ceil(r K / 2), residual sub-tokens of 2M) it stores about as many
+numbers per token as `velora` with the same M and r.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Codec, all_reduce_, element_size
+from .subtoken import RandomVectors, compute_dtype
+
+
+class PrincipalPlusRandom(Codec):
+    """The `pca` codec. Buffers: `basis` (D x p, the principal directions) and `forwards`. Stored per
+    forward: c (tokens, p) and z (tokens, residual coefficients), both in the compute dtype; U is
+    saved by reference (a buffer: autograd refuses a backward after it changed)."""
+
+    name = "pca"
+    counts_forwards = True
+
+    def __init__(self, width: int, sub_token_size: int, rank: int = 1, refresh_every: int = 200, seed: int = 0,
+                 device=None):
+        super().__init__(width, seed, device)
+        if sub_token_size < 1 or rank < 1 or refresh_every < 1:
+            raise ValueError(f"pca codec: sub_token_size, rank and refresh_every must be >= 1, got "
+                             f"{sub_token_size}, {rank}, {refresh_every}")
+        self.sub_token_size, self.rank, self.refresh_every = sub_token_size, rank, refresh_every
+        self.principal = min(width - 1, math.ceil(rank * math.ceil(width / sub_token_size) / 2))
+        if self.principal < 1:
+            raise ValueError(f"pca codec: width {width} is too small for principal directions")
+        residual_m = min(2 * sub_token_size, width)
+        self._residual = RandomVectors(width, residual_m, min(rank, residual_m), "rademacher")
+        self.register_buffer("basis", torch.zeros(width, self.principal, device=device))
+
+    def extra_repr(self) -> str:
+        return (f"width={self.width}, principal={self.principal}, residual sub_token_size="
+                f"{self._residual.sub_token_size}, refresh_every={self.refresh_every}")
+
+    def describe(self) -> str:
+        return f"pca p={self.principal} M={self._residual.sub_token_size}"
+
+    def stored_bytes_per_token(self, dtype: torch.dtype) -> int:
+        return (self.principal + self._residual.coefficients_per_token) * element_size(dtype)
+
+    @torch.no_grad()
+    def observe(self, x, forward):
+        if forward % self.refresh_every:
+            return
+        x2 = x.detach().reshape(-1, self.width).float()
+        moment = all_reduce_(torch.cat([x2.t().matmul(x2).flatten(), x2.new_tensor([x2.shape[0]])]))
+        _, vecs = torch.linalg.eigh(moment[:-1].view(self.width, self.width) / moment[-1])
+        top = vecs[:, -self.principal:].flip(1)                      # (D, p), largest first
+        idx = top.abs().argmax(dim=0, keepdim=True)                  # eigh's signs are arbitrary: fix them
+        self.basis.copy_(top * torch.sign(top.gather(0, idx)))
+
+    @torch.no_grad()
+    def encode(self, x, forward):
+        seed = self.forward_seed(forward)
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.detach().reshape(-1, self.width).float()
+            c = x2.matmul(self.basis)
+            z = self._residual.sketch(x2 - c.matmul(self.basis.t()), seed)
+        dtype = compute_dtype(x)
+        return (c.to(dtype), z.to(dtype), self.basis), seed
+
+    def weight_grad(self, grad_y, tensors, seed, in_features):
+        c, z, basis = tensors
+        x_hat = self._residual.reconstruct(z, seed).addmm_(c.float(), basis.t())
+        return grad_y.t().matmul(x_hat)

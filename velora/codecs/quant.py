@@ -1,0 +1,88 @@
+"""`sr<k>`: x itself at k bits (2, 4 or 8) with stochastic rounding (ActNN, Chen et al. 2021).
+
+Each token's D values are cut into groups of G (the last group padded by repeating its last value,
+so the padding widens no range). A group keeps its minimum lo and its step s = (max - lo) / (2^k - 1)
+in fp32, and every value the integer q = floor((x - lo) / s + u), u ~ U[0, 1): E[q] = (x - lo) / s,
+so x̂ = lo + q s is unbiased and grad_W = grad_yᵀ x̂ keeps every direction of the gradient. The codes
+are packed 8 / k to a byte, so per token the codec stores ceil(D / G) * (G k / 8 + 8) bytes. Values
+that lie on a group's grid (k = 8 and integer steps, a constant group) come back exactly.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .base import Codec, generator
+
+BITS = (2, 4, 8)
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes < 2**bits (..., G) -> (..., G * bits / 8) bytes, the first code in the low bits."""
+    per = 8 // bits
+    q = q.view(*q.shape[:-1], -1, per)
+    out = q[..., 0].clone()
+    for j in range(1, per):
+        out |= q[..., j] << (bits * j)
+    return out
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of `pack`: (..., B) bytes -> (..., B * 8 / bits) uint8 codes."""
+    per = 8 // bits
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+
+
+class StochasticRounding(Codec):
+    """The `sr<k>` codec. Stored per forward: packed codes (tokens, groups, G k / 8) uint8, lo and s
+    (tokens, groups) fp32. Draws its rounding noise from the forward's seed."""
+
+    counts_forwards = True
+
+    def __init__(self, width: int, bits: int, group_size: int = 128, seed: int = 0, device=None):
+        super().__init__(width, seed, device)
+        if bits not in BITS:
+            raise ValueError(f"stochastic rounding: bits must be one of {BITS}, got {bits}")
+        if group_size < 1 or (group_size * bits) % 8:
+            raise ValueError(f"velora.group_size={group_size}: sr{bits} packs {8 // bits} codes per byte, so the "
+                             f"group size must be a multiple of {8 // bits}")
+        self.name, self.bits, self.group_size = f"sr{bits}", bits, group_size
+        self.num_groups = math.ceil(width / group_size)
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, bits={self.bits}, group_size={self.group_size}"
+
+    def describe(self) -> str:
+        return f"{self.name} G={self.group_size}"
+
+    def stored_bytes_per_token(self, dtype: torch.dtype) -> int:
+        return self.num_groups * (self.group_size * self.bits // 8 + 8)
+
+    def _groups(self, x2: torch.Tensor) -> torch.Tensor:
+        pad = self.num_groups * self.group_size - self.width
+        if pad:
+            x2 = F.pad(x2.unsqueeze(1), (0, pad), mode="replicate").squeeze(1)
+        return x2.view(x2.shape[0], self.num_groups, self.group_size)
+
+    @torch.no_grad()
+    def encode(self, x, forward):
+        with torch.autocast(x.device.type, enabled=False):
+            xg = self._groups(x.detach().reshape(-1, self.width).float())
+            lo = xg.amin(-1, keepdim=True)
+            step = (xg.amax(-1, keepdim=True) - lo) / (2 ** self.bits - 1)
+            step = torch.where(step > 0, step, torch.ones_like(step))     # a constant group: q = 0, exact
+            u = torch.rand(xg.shape, generator=generator(self.forward_seed(forward), x.device), device=x.device)
+            q = (xg - lo).div_(step).add_(u).floor_().clamp_(0, 2 ** self.bits - 1).to(torch.uint8)
+        return (pack(q, self.bits), lo.squeeze(-1), step.squeeze(-1)), None
+
+    def dequantize(self, packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """x̂ (tokens, D) fp32."""
+        q = unpack(packed, self.bits).float()
+        return q.mul_(step.unsqueeze(-1)).add_(lo.unsqueeze(-1)).reshape(q.shape[0], -1)[:, :self.width]
+
+    def weight_grad(self, grad_y, tensors, meta, in_features):
+        return grad_y.t().matmul(self.dequantize(*tensors))

@@ -1,0 +1,232 @@
+"""Sub-token projections: the paper's VeLoRA (a fixed unit vector v per input) and its unbiased
+variant with an independent random vector per token and sub-token.
+
+x (tokens, D) is split into K = ceil(D / M) sub-tokens of size M (the last one zero-padded) and only
+their coefficients on r vectors are kept: K * r numbers per token instead of D.
+
+`velora` (SubTokenBasis): z = x_sub vᵀ with v (r x M) shared by every token, set by the init rule.
+grad_W is computed as (grad_yᵀ z) v: one 2-D fp32 matmul over all tokens, then a tiny (r x M)
+expansion, M/r times cheaper than grad_yᵀ x̂ and equal to it in exact arithmetic. The weight
+gradient is confined to a fixed subspace (see ../shared/research/ACTIVATION-COMPRESSION.md).
+
+`rademacher` / `gaussian` (RandomSubToken): every token and sub-token draws its own r vectors s with
+E[s sᵀ] = I (signs ±1, or standard normal), regenerated from the forward's seed in backward (never
+stored); x̂ = (1/r) Σ_j (s_jᵀ x_sub) s_j, so E[x̂] = x and grad_W is unbiased.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..config import parse_init
+from .base import Codec, all_reduce_, element_size, generator
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer computes in for input x: autocast's when active, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _check_sizes(sub_token_size: int, rank: int) -> None:
+    if sub_token_size < 1:
+        raise ValueError(f"VeLoRA sub_token_size: must be >= 1, got {sub_token_size}")
+    if not 1 <= rank <= sub_token_size:
+        raise ValueError(f"VeLoRA rank: must be between 1 and sub_token_size={sub_token_size}, got {rank}; "
+                         f"lower the rank or raise the sub-token size")
+
+
+def split_sub_tokens(x2: torch.Tensor, m: int) -> torch.Tensor:
+    """(tokens, D) -> (tokens, K, M), the tail zero-padded."""
+    k = math.ceil(x2.shape[1] / m)
+    return F.pad(x2, (0, k * m - x2.shape[1])).view(x2.shape[0], k, m)
+
+
+class SubTokenBasis(Codec):
+    """The `velora` codec: the unit vectors v (rank x M) for one input tensor and how they are set.
+
+    Buffers: `v`, `initialized` and, for `ema:<decay>`, the running statistic `stat` (the mean
+    sub-token for rank 1, the M x M second moment otherwise). Stored per forward: z (tokens x K*r, in
+    the compute dtype, or int8 with a per-row fp32 scale) and a snapshot of v.
+    """
+
+    name = "velora"
+
+    def __init__(self, width: int, sub_token_size: int, rank: int = 1, init: str = "batch_average_once",
+                 coef_dtype: str = "compute", seed: int = 0, device=None):
+        super().__init__(width, seed, device)
+        _check_sizes(sub_token_size, rank)
+        if coef_dtype not in ("compute", "int8"):
+            raise ValueError(f"VeLoRA coef_dtype: expected 'compute' or 'int8', got {coef_dtype!r}")
+        self.decay = parse_init(init)
+        self.sub_token_size, self.rank = sub_token_size, rank
+        self.init, self.coef_dtype = init, coef_dtype
+        self.num_sub_tokens = math.ceil(width / sub_token_size)
+        self.register_buffer("v", torch.zeros(rank, sub_token_size, device=device))
+        self.register_buffer("initialized", torch.tensor(False, device=device))
+        if self.decay is not None:
+            shape = (sub_token_size,) if rank == 1 else (sub_token_size, sub_token_size)
+            self.register_buffer("stat", torch.zeros(shape, device=device))
+        if init == "random":
+            g = torch.Generator().manual_seed(seed)
+            v = torch.randn(sub_token_size, rank, generator=g)
+            self.v.copy_(torch.linalg.qr(v).Q.t())   # orthonormal rows (unit vectors for rank 1)
+            self.initialized.fill_(True)
+        self._frozen = None           # Python copy of "v is final": avoids a device sync per forward
+
+    def extra_repr(self) -> str:
+        return (f"width={self.width}, sub_token_size={self.sub_token_size}, rank={self.rank}, "
+                f"init={self.init}, coef_dtype={self.coef_dtype}")
+
+    def describe(self) -> str:
+        return f"velora M={self.sub_token_size} r={self.rank}" + (" int8" if self.coef_dtype == "int8" else "")
+
+    def stored_bytes_per_token(self, dtype: torch.dtype) -> int:
+        n = self.num_sub_tokens * self.rank
+        return n + 4 if self.coef_dtype == "int8" else n * element_size(dtype)
+
+    def fixed_stored_bytes(self) -> int:
+        return self.v.numel() * 4
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._frozen = None
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor, forward) -> None:
+        if self._frozen is None:
+            self._frozen = self.init == "random" or (self.init == "batch_average_once" and bool(self.initialized))
+        if self._frozen:
+            return
+        stat = self._batch_statistic(x)
+        if self.decay is not None:
+            ema = self.decay * self.stat.float() + (1.0 - self.decay) * stat
+            stat = torch.where(self.initialized, ema, stat)      # no host sync on GPU
+            self.stat.copy_(stat)
+        self.v.copy_(self._unit_vectors(stat))
+        self.initialized.fill_(True)
+        self._frozen = self.init == "batch_average_once"
+
+    def _batch_statistic(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean sub-token (rank 1) or mean sub-token outer product (rank > 1), in fp32, averaged over
+        every rank of a distributed run so that all ranks derive the same v."""
+        m, k = self.sub_token_size, self.num_sub_tokens
+        x2 = x.detach().reshape(-1, self.width)
+        if self.rank == 1:
+            total = F.pad(x2.sum(0, dtype=torch.float32), (0, k * m - self.width)).reshape(k, m).sum(0)
+        else:
+            xs = split_sub_tokens(x2.float(), m).reshape(-1, m)
+            total = xs.t().matmul(xs).flatten()
+        count = torch.tensor([float(x2.shape[0] * k)], device=total.device)
+        packed = all_reduce_(torch.cat([total, count]))
+        return (packed[:-1] / packed[-1]).reshape((m,) if self.rank == 1 else (m, m))
+
+    def _unit_vectors(self, stat: torch.Tensor) -> torch.Tensor:
+        if self.rank == 1:
+            return F.normalize(stat, dim=0).unsqueeze(0)
+        _, vecs = torch.linalg.eigh(stat)                     # ascending eigenvalues
+        top = vecs[:, -self.rank:].flip(1).t()                # (rank, M), largest first
+        # Fix each vector's sign (eigh's is arbitrary): largest-magnitude component positive.
+        idx = top.abs().argmax(dim=1, keepdim=True)
+        return top * torch.sign(top.gather(1, idx))
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, forward) -> tuple[tuple, None]:
+        v = self.v
+        m, d = self.sub_token_size, self.width
+        full = d // m
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, d)
+            vt = v.to(x.dtype).t()
+            # Full sub-tokens are a strided view of x (no copy); the zero-padded tail is a short product.
+            z = x2[:, :full * m].reshape(x2.shape[0], full, m).matmul(vt)
+            if full * m < d:
+                tail = x2[:, full * m:].matmul(vt[: d - full * m])
+                z = torch.cat([z, tail.unsqueeze(1)], dim=1)
+            z = z.reshape(x2.shape[0], -1)
+        snapshot = v.detach().clone()
+        if self.coef_dtype == "int8":
+            zf = z.float()
+            scale = zf.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
+            q = (zf / scale).round_().clamp_(-127, 127).to(torch.int8)
+            return (q, scale, snapshot), None
+        return (z.to(compute_dtype(x)), None, snapshot), None
+
+    def weight_grad(self, grad_y, tensors, meta, in_features):
+        z, scale, v = tensors
+        r = v.shape[0]
+        zf = z.float() * scale if scale is not None else z.float()
+        a = grad_y.t().matmul(zf)                                          # (out, K * r), fp32
+        return a.reshape(a.shape[0], -1, r).matmul(v.float()).reshape(a.shape[0], -1)[:, :in_features]
+
+
+class RandomVectors:
+    """r random vectors s per token and sub-token with E[s sᵀ] = I (signs ±1 or standard normal),
+    the same for the same seed: `sketch` keeps the coefficients, `reconstruct` gives the unbiased x̂."""
+
+    def __init__(self, width: int, sub_token_size: int, rank: int, kind: str):
+        _check_sizes(sub_token_size, rank)
+        if kind not in ("rademacher", "gaussian"):
+            raise ValueError(f"random sub-token vectors: kind must be rademacher or gaussian, got {kind!r}")
+        self.width, self.sub_token_size, self.rank, self.kind = width, sub_token_size, rank, kind
+        self.num_sub_tokens = math.ceil(width / sub_token_size)
+
+    @property
+    def coefficients_per_token(self) -> int:
+        return self.num_sub_tokens * self.rank
+
+    def vectors(self, tokens: int, seed: int, device) -> torch.Tensor:
+        """(tokens, K, r, M) fp32."""
+        shape = (tokens, self.num_sub_tokens, self.rank, self.sub_token_size)
+        g = generator(seed, device)
+        if self.kind == "gaussian":
+            return torch.randn(shape, generator=g, device=device)
+        return torch.randint(0, 2, shape, generator=g, device=device, dtype=torch.float32).mul_(2).sub_(1)
+
+    @torch.no_grad()
+    def sketch(self, x2: torch.Tensor, seed: int) -> torch.Tensor:
+        """z (tokens, K*r) fp32: the coefficients of every sub-token of x2 (tokens, D) on its vectors."""
+        s = self.vectors(x2.shape[0], seed, x2.device)
+        z = torch.einsum("nkm,nkrm->nkr", split_sub_tokens(x2.float(), self.sub_token_size), s)
+        return z.reshape(x2.shape[0], -1)
+
+    def reconstruct(self, z: torch.Tensor, seed: int) -> torch.Tensor:
+        """x̂ (tokens, D) fp32 from the coefficients of `sketch`: E[x̂] = the sketched x."""
+        n = z.shape[0]
+        s = self.vectors(n, seed, z.device)
+        zr = z.float().view(n, self.num_sub_tokens, self.rank, 1)
+        return (zr * s).sum(2).div_(self.rank).reshape(n, -1)[:, :self.width]
+
+
+class RandomSubToken(Codec):
+    """The `rademacher` / `gaussian` codecs: r independent random vectors per token and sub-token,
+    regenerated from the forward's seed in backward. Stored per forward: z (tokens x K*r)."""
+
+    counts_forwards = True
+
+    def __init__(self, width: int, sub_token_size: int, rank: int = 1, kind: str = "rademacher", seed: int = 0,
+                 device=None):
+        super().__init__(width, seed, device)
+        self.random = RandomVectors(width, sub_token_size, rank, kind)
+        self.name, self.sub_token_size, self.rank = kind, sub_token_size, rank
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, width={self.width}, sub_token_size={self.sub_token_size}, rank={self.rank}"
+
+    def describe(self) -> str:
+        return f"{self.name} M={self.sub_token_size} r={self.rank}"
+
+    def stored_bytes_per_token(self, dtype: torch.dtype) -> int:
+        return self.random.coefficients_per_token * element_size(dtype)
+
+    def encode(self, x, forward):
+        seed = self.forward_seed(forward)
+        with torch.autocast(x.device.type, enabled=False):
+            z = self.random.sketch(x.detach().reshape(-1, self.width), seed)
+        return (z.to(compute_dtype(x)),), seed
+
+    def weight_grad(self, grad_y, tensors, seed, in_features):
+        return grad_y.t().matmul(self.random.reconstruct(tensors[0], seed))
