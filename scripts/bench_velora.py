@@ -3,11 +3,13 @@
     python scripts/bench_velora.py memory --configs configs/llama_60m.json configs/llama_350m.json
     python scripts/bench_velora.py options --config configs/llama_60m.json
     python scripts/bench_velora.py time --config configs/llama_60m.json --reps 15
+    python scripts/bench_velora.py time --config configs/llama_60m.json --variants full_rank,velora_all,sr2_all
 
 `memory`: bytes saved for backward in one training step (batch x seq), none / paper / all, fp32 and
 bf16 autocast, with the ratio to none. `options`: VeLoRA `all` and the model's memory options, each
-alone and together, against the plain model. `time`: forward+backward of VeLoRA `all` vs none, the
-same weights and batch, interleaved repetitions (ABBA order), medians and their ratio.
+alone and together, against the plain model. `time`: forward+backward of each variant (a method of
+scripts/compare_galore.py) against full-rank, the same weights and batch, interleaved repetitions (the
+order rotates every repetition), medians and their ratio to full-rank.
 Prints Markdown tables.
 """
 from __future__ import annotations
@@ -22,10 +24,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from model import LlamaForCausalLM  # noqa: E402
 from training.config import load_config  # noqa: E402
-from velora import VeLoRAConfig, apply_velora  # noqa: E402
+from velora import apply_velora  # noqa: E402
 from velora.memory import build_and_measure  # noqa: E402
 
 MIB = 2 ** 20
@@ -72,14 +75,19 @@ def options_table(path, batch_size, seq_len, loss_chunk) -> str:
     return "\n".join(rows)
 
 
-def step_time(path, batch_size, seq_len, reps) -> str:
-    cfg = load_config(path)
+def step_time(path, batch_size, seq_len, reps, variants) -> list[str]:
+    from compare_galore import METHODS
+
     torch.manual_seed(0)
-    plain = LlamaForCausalLM(cfg.model)
-    velora = LlamaForCausalLM(cfg.model)
-    velora.load_state_dict(plain.state_dict())
-    velora, _ = apply_velora(velora, VeLoRAConfig(targets="all"))
-    ids = torch.randint(0, cfg.model.vocab_size, (batch_size, seq_len))
+    base = load_config(path)
+    ids = torch.randint(0, base.model.vocab_size, (batch_size, seq_len))
+    models = {}
+    for name in ["full_rank"] + [v for v in variants if v != "full_rank"]:
+        cfg = load_config(path, [s for s in METHODS[name].sets if s.startswith(("velora.", "model."))])
+        model = LlamaForCausalLM(cfg.model)
+        if models:
+            model.load_state_dict(models["full_rank"].state_dict())
+        models[name] = apply_velora(model, cfg.velora)[0]
 
     def run(model):
         t0 = time.perf_counter()
@@ -88,18 +96,21 @@ def step_time(path, batch_size, seq_len, reps) -> str:
         model.zero_grad(set_to_none=True)
         return dt
 
-    for model in (plain, velora):      # warm-up (and VeLoRA's one-time v initialisation)
+    for model in models.values():      # warm-up (and one-time codec initialisation)
         run(model)
-    times = {"none": [], "all": []}
+    names = list(models)
+    times = {k: [] for k in names}
     for i in range(reps):
-        order = [("none", plain), ("all", velora)]
-        for name, model in (order if i % 2 == 0 else order[::-1]):
-            times[name].append(run(model))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    ratios = [a / n for a, n in zip(times["all"], times["none"])]
-    return (f"| {Path(path).stem} {batch_size}x{seq_len} fp32, {torch.get_num_threads()} threads, {reps} reps | "
-            f"{med['none'] * 1000:.0f} ms | {med['all'] * 1000:.0f} ms | {med['all'] / med['none']:.3f} | "
-            f"{statistics.median(ratios):.3f} |")
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            times[name].append(run(models[name]))
+    ref = statistics.median(times["full_rank"])
+    rows = []
+    for name in names:
+        med = statistics.median(times[name])
+        paired = statistics.median(a / b for a, b in zip(times[name], times["full_rank"]))
+        rows.append(f"| {Path(path).stem} {batch_size}x{seq_len} fp32, {torch.get_num_threads()} threads, {reps} reps "
+                    f"| {name} | {med * 1000:.0f} ms | {med / ref:.3f} | {paired:.3f} |")
+    return rows
 
 
 def main(argv=None) -> int:
@@ -111,15 +122,16 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--loss-chunk-size", type=int, default=1024)
     p.add_argument("--reps", type=int, default=15)
+    p.add_argument("--variants", default="velora_all", help="methods of compare_galore.py to time against full_rank")
     args = p.parse_args(argv)
     if args.what == "memory":
         print(memory_table(args.configs, args.batch_size, args.seq_len))
     elif args.what == "options":
         print(options_table(args.config, args.batch_size, args.seq_len, args.loss_chunk_size))
     else:
-        print("| setup | none (median) | all (median) | ratio of medians | median of paired ratios |")
-        print("|---|---:|---:|---:|---:|")
-        print(step_time(args.config, args.batch_size, args.seq_len, args.reps))
+        print("| setup | variant | median | ratio of medians | median of paired ratios |")
+        print("|---|---|---:|---:|---:|")
+        print("\n".join(step_time(args.config, args.batch_size, args.seq_len, args.reps, args.variants.split(","))))
     return 0
 
 

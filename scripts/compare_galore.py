@@ -1,18 +1,23 @@
-"""VeLoRA vs GaLore vs full-rank: every method as a full `train_c4.py` run on the same model, data,
-token budget and seed, then one table and one plot.
+"""VeLoRA and the other activation codecs vs GaLore vs full-rank: every method as a full `train_c4.py` run on
+the same model, data, token budget and seeds, then one table and one plot.
 
-    scripts/compare_galore.sh --quick                       # tiny model, a few minutes on 2 CPU cores
-    scripts/compare_galore.sh                               # llama_60m with GaLore's recipe (a GPU)
-    scripts/compare_galore.sh --config CFG --tokens 2000000 --out runs/compare --set data.source=local ...
+    scripts/compare_galore.sh --preset quick      # tiny model, built-in corpus: a few minutes on 2 CPU cores
+    scripts/compare_galore.sh --preset cpu        # the reproducible CPU comparison: 3 seeds, lr swept (~1 h)
+    scripts/compare_galore.sh --preset official   # the official GaLore/VeLoRA codes' 20M setup, as exactly as we can
+    scripts/compare_galore.sh                     # llama_60m with GaLore's recipe (a GPU)
+    scripts/compare_galore.sh --config CFG --tokens N --seeds 3 --lr-sweep --methods full_rank,sr2_all ...
 
-Methods (`--methods` picks some): full_rank (AdamW), full_rank_ckpt (+ activation checkpointing, same
-micro-batch), galore (GaLore AdamW: rank hidden/4, update_proj_gap 200 or run length / 50, scale 0.25,
-lr 0.01, ZeRO 0), velora_paper, velora_all, velora_all_galore, velora_all_memopts (VeLoRA `all` +
-loss_chunk_size + recompute_swiglu). Each run lives in OUT/runs/<name>/ with its log OUT/logs/<name>.log;
-a run that completed with the same command line is reused, so the script resumes and re-tabulates.
-Memory columns are measured here, in this process, from real tensors (velora.memory for the bytes
-saved for backward; the optimizer state after one real optimizer step). Writes OUT/results.csv,
-OUT/results.md and OUT/plot.png (compare_report.py). Exits non-zero when any method failed.
+Methods (`--methods` picks some; METHODS below lists them all). `--seeds N` trains every method at seeds
+0..N-1 (`train.seed`, `data.seed` and `velora.seed`: initial weights, data order and codec noise; the same
+seed gives every method the same initial weights and batches). `--lr-sweep` tries a log-spaced grid of
+`--lr-points` learning rates a factor 2 apart (10 per 3 decades: 5 per decade and a half) around each
+method's default, every lr at every seed, and extends it while the best mean validation loss sits at an
+edge. GaLore keeps its recipe's two parameter groups: one lr for all, its projected matrices' updates
+scaled by 0.25; the sweep moves that one lr. Each run lives in OUT/runs/<name>/ with its log
+OUT/logs/<name>.log; a run that completed with the same command line is reused, so the script resumes and
+re-tabulates. Memory columns are measured here, in this process, from real tensors. Writes
+OUT/results.csv, OUT/results.md and OUT/plot.png (compare_report.py). Exits non-zero when a run failed for
+another reason than a diverged loss.
 """
 from __future__ import annotations
 
@@ -22,12 +27,12 @@ import math
 import os
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,111 +43,217 @@ import torch  # noqa: E402
 
 from training.config import ConfigError, load_config, resolve_batch  # noqa: E402
 
-METHODS = {   # name: (label, overrides, uses GaLore)
-    "full_rank": ("full-rank AdamW", [], False),
-    "full_rank_ckpt": ("full-rank AdamW + activation checkpointing", ["model.activation_checkpointing=true"], False),
-    "galore": ("GaLore AdamW", [], True),
-    "velora_paper": ("VeLoRA paper (v_proj+down_proj)", ["velora.targets=paper"], False),
-    "velora_all": ("VeLoRA all", ["velora.targets=all"], False),
-    "velora_all_galore": ("VeLoRA all + GaLore AdamW", ["velora.targets=all"], True),
-    "velora_all_memopts": ("VeLoRA all + loss_chunk_size + recompute_swiglu",
-                           ["velora.targets=all", "model.loss_chunk_size=1024", "model.recompute_swiglu=true"], False),
+SHARED = REPO.parent / "shared"
+C4_SAMPLE = SHARED / "c4-sample" / "en"
+SP_32K = SHARED / "tokenizers" / "sp-bpe-32k.model"
+
+
+@dataclass
+class Method:
+    label: str
+    sets: list = field(default_factory=list)
+    galore: bool = False
+
+
+ALL = "velora.targets=all"
+METHODS = {
+    "full_rank": Method("full-rank AdamW"),
+    "full_rank_ckpt": Method("full-rank AdamW + activation checkpointing", ["model.activation_checkpointing=true"]),
+    "galore": Method("GaLore AdamW", galore=True),
+    "velora_paper": Method("VeLoRA paper (v_proj+down_proj)", ["velora.targets=paper"]),
+    "velora_all": Method("VeLoRA all", [ALL]),
+    "sr2_all": Method("sr2 all (2-bit stochastic rounding)", [ALL, "velora.codec=sr2"]),
+    "sr4_all": Method("sr4 all", [ALL, "velora.codec=sr4"]),
+    "sr8_all": Method("sr8 all", [ALL, "velora.codec=sr8"]),
+    "rademacher_all": Method("random ±1 sub-token basis, all", [ALL, "velora.codec=rademacher"]),
+    "gaussian_all": Method("random Gaussian sub-token basis, all", [ALL, "velora.codec=gaussian"]),
+    "pca_all": Method("principal directions + random residual, all", [ALL, "velora.codec=pca"]),
+    "sr2_velora_down": Method("sr2 for q/k/v + gate/up, VeLoRA down_proj",
+                              [ALL, "velora.codec=sr2", 'velora.codec_overrides={"down_proj":"velora"}']),
+    "velora_all_galore": Method("VeLoRA all + GaLore AdamW", [ALL], galore=True),
+    "velora_all_memopts": Method("VeLoRA all + loss_chunk_size + recompute_swiglu",
+                                 [ALL, "model.loss_chunk_size=1024", "model.recompute_swiglu=true"]),
+    "sr2_all_memopts": Method("sr2 all + loss_chunk_size + recompute_swiglu",
+                              [ALL, "velora.codec=sr2", "model.loss_chunk_size=1024", "model.recompute_swiglu=true"]),
 }
-SWEEP_LRS = (0.01, 0.005, 0.001)
 GALORE_LR = 0.01
 # The paper's 60M sub-token sizes (M = 8 for hidden-wide inputs, 16 for down_proj): at small widths the
 # paper's grouping (hidden / 64 groups) gives M = 1 or 2, which is nearly exact and shows nothing.
 SMALL_VELORA = ["velora.sub_token_size=8", 'velora.sub_token_overrides={"down_proj":16}']
-# --quick: a tiny model on the built-in corpus (a few minutes on 2 CPU cores)
-QUICK = SMALL_VELORA + ["model.hidden_size=64", "model.intermediate_size=172", "model.num_attention_heads=4",
-         "model.num_hidden_layers=2", "model.max_sequence_length=128", "data.seq_len=128", "data.val_tokens=16384",
-         "deepspeed.train_batch_size=16", "deepspeed.train_micro_batch_size_per_gpu=16"]
+
+
+@dataclass
+class Preset:
+    """Defaults of one comparison setting; command-line options override them."""
+
+    config: str
+    sets: list
+    methods: list
+    tokens: int = 0                  # 0: the config's max_steps worth
+    seeds: int = 1
+    lr_sweep: bool = False
+    lrs: dict = field(default_factory=dict)     # method -> lr (else GaLore's 0.01 or the config's optim.lr)
+    galore: dict = field(default_factory=dict)  # rank / update_proj_gap (default hidden/4, min(200, steps/50))
+    jobs: int = 1
+    evals: int = 4
+
+
+def _cpu_data() -> list:
+    """The real C4 sample when this machine has it, else the built-in corpus (a fresh clone elsewhere)."""
+    return [f"data.source=local", f"data.path={C4_SAMPLE}"] if C4_SAMPLE.is_dir() else ["data.source=builtin"]
+
+
+PRESETS = {
+    "gpu": Preset("configs/llama_60m.json", [], list(METHODS)),
+    "quick": Preset("configs/llama_tiny.json", SMALL_VELORA + [
+        "model.hidden_size=64", "model.intermediate_size=172", "model.num_attention_heads=4",
+        "model.num_hidden_layers=2", "model.max_sequence_length=128", "data.seq_len=128", "data.val_tokens=16384",
+        "deepspeed.train_batch_size=16", "deepspeed.train_micro_batch_size_per_gpu=16"],
+        ["full_rank", "full_rank_ckpt", "galore", "velora_paper", "velora_all", "sr2_all", "velora_all_galore",
+         "velora_all_memopts"], tokens=300_000, jobs=2),
+    # The reproducible CPU comparison: a 128-wide, 2-layer LLaMA, every method that matters at 3 seeds, lr swept.
+    "cpu": Preset("configs/llama_tiny.json", SMALL_VELORA + [
+        "model.hidden_size=128", "model.intermediate_size=352", "model.num_attention_heads=4",
+        "model.num_hidden_layers=2", "model.vocab_size=2048", "data.val_tokens=131072",
+        "deepspeed.train_batch_size=16", "deepspeed.train_micro_batch_size_per_gpu=16"],
+        ["full_rank", "galore", "velora_all", "sr2_velora_down"], tokens=500_000, seeds=3, lr_sweep=True,
+        lrs={"full_rank": 0.002, "velora_all": 0.002, "sr2_velora_down": 0.002}, jobs=2, evals=8),
+    # The official codes' setup (GaLore's torchrun_main.py and VeLoRA's script on LLaMA-20M): see
+    # docs/BENCHMARKS.md for where our pipeline still differs.
+    "official": Preset("configs/llama_20m.json", [
+        "data.source=local", f"data.path={C4_SAMPLE}", f"data.tokenizer={SP_32K}", "data.packing=galore",
+        "data.val_tokens=10000000", "deepspeed.train_batch_size=16", "deepspeed.train_micro_batch_size_per_gpu=16",
+        "deepspeed.bf16.enabled=false", "optim.weight_decay=0.0", "deepspeed.gradient_clipping=0.0",
+        "optim.warmup_ratio=0.1", "optim.min_lr_ratio=0.1", "train.max_steps=300",
+        'velora.sub_token_overrides={"v_proj":8,"down_proj":16}'],
+        ["full_rank", "velora_paper", "galore"], lrs={"full_rank": 1e-3, "velora_paper": 1e-3, "galore": 1e-2},
+        galore={"rank": 64, "update_proj_gap": 50}, evals=6),
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny model, short budget (CPU smoke run)")
-    p.add_argument("--config", help="run config (default: configs/llama_60m.json; llama_tiny with --quick)")
-    p.add_argument("--tokens", type=int, help="training tokens per method (default: the config's max_steps worth; "
-                                                "300k with --quick)")
-    p.add_argument("--lr-sweep", action="store_true", help=f"try lr {SWEEP_LRS} per method, keep the best on validation")
-    p.add_argument("--lr", type=float, help="lr of the AdamW methods (default: the config's optim.lr)")
-    p.add_argument("--galore-lr", type=float, default=GALORE_LR, help="lr of the GaLore methods (GaLore's recipe: 0.01)")
-    p.add_argument("--out", help="output directory (default: runs/compare, runs/compare_quick with --quick)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
+    p.add_argument("--preset", choices=list(PRESETS), default="gpu", help="the setting's defaults (see above)")
+    p.add_argument("--quick", action="store_true", help="the same as --preset quick")
+    p.add_argument("--config", help="run config (default: the preset's)")
+    p.add_argument("--tokens", type=int, help="training tokens per run (default: the preset's, else max_steps worth)")
+    p.add_argument("--seeds", type=int, help="seeds 0..N-1 for every method (default: the preset's)")
+    p.add_argument("--lr-sweep", action="store_true", default=None, help="sweep the lr per method (see above)")
+    p.add_argument("--lr-points", type=int, default=5, help="initial points of the lr grid (factor 2 apart)")
+    p.add_argument("--lr", type=float, help="lr (or the sweep's centre) of the AdamW methods")
+    p.add_argument("--galore-lr", type=float, help=f"lr (or the sweep's centre) of the GaLore methods ({GALORE_LR})")
+    p.add_argument("--out", help="output directory (default: runs/compare_<preset>)")
+    p.add_argument("--methods", help="comma-separated subset of: " + ", ".join(METHODS))
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override for every method")
     p.add_argument("--method-set", action="append", default=[], metavar="METHOD:SECTION.KEY=VALUE",
                    help="override for one method (e.g. galore:optim.galore_rank=64)")
-    p.add_argument("--evals", type=int, default=4, help="validation evaluations per run (the loss curve's points)")
-    p.add_argument("--jobs", type=int, help="runs at once, each with cores / jobs threads (default 1; 2 with --quick: "
-                                            "one-thread runs side by side beat two-thread runs on a busy small CPU); "
-                                            "step times are then measured under shared load")
+    p.add_argument("--evals", type=int, help="validation evaluations per run (the loss curve's points)")
+    p.add_argument("--jobs", type=int, help="runs at once, each with cores / jobs threads (one-thread runs side by "
+                                            "side beat two-thread runs on a busy small CPU; step times are then "
+                                            "measured under shared load)")
     p.add_argument("--measure-batch", type=int, default=8, help="batch of the in-process memory measurement "
                                                                 "(scaled linearly to the micro-batch)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.preset = "quick"
+    return args
 
 
-def plan(args) -> tuple[list[dict], dict]:
-    """The runs to do: one dict per (method, lr), with the exact train_c4.py command; and run facts."""
-    config = args.config or ("configs/llama_tiny.json" if args.quick else "configs/llama_60m.json")
-    common = (QUICK if args.quick else []) + list(args.set)
-    base = load_config(config, common)           # ConfigError on a bad --set / config
-    tokens_per_step = resolve_batch(base.deepspeed, 1)[0] * base.data.seq_len
-    tokens = args.tokens or (300_000 if args.quick else base.train.max_steps * tokens_per_step)
-    steps = max(1, math.ceil(tokens / tokens_per_step))
-    eval_every = max(1, math.ceil(steps / max(1, args.evals)))
-    gap = min(200, max(1, steps // 50))          # GaLore: 200 over 10k steps = 50 projection updates
-    galore_rank = max(1, base.model.hidden_size // 4)
-    out = Path(args.out or ("runs/compare_quick" if args.quick else "runs/compare"))
-    per_method = {}
-    for item in args.method_set:
-        name, _, override = item.partition(":")
-        if name not in METHODS or not override:
-            raise ConfigError(f"--method-set {item!r}: expected METHOD:SECTION.KEY=VALUE with METHOD one of "
-                              f"{', '.join(METHODS)}")
-        per_method.setdefault(name, []).append(override)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:
-        if m not in METHODS:
-            raise ConfigError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
-    runs = []
-    for m in methods:
-        label, extra, galore = METHODS[m]
-        opt = (["optim.name=galore_adamw", f"optim.galore_rank={galore_rank}", f"optim.galore_update_proj_gap={gap}",
-                "optim.galore_scale=0.25", "deepspeed.zero_optimization.stage=0"] if galore else ["optim.name=adamw"])
-        default_lr = args.galore_lr if galore else (args.lr or base.optim.lr)
-        for lr in (SWEEP_LRS if args.lr_sweep else (default_lr,)):
-            name = f"{m}_lr{lr:g}" if args.lr_sweep else m
-            sets = common + opt + extra + per_method.get(m, []) + [
-                f"optim.lr={lr}", f"train.max_steps={steps}", f"train.eval_every={eval_every}",
-                f"train.save_every={steps}", f"train.log_every={max(1, min(10, steps // 20))}", "train.keep_last=1",
-                f"train.output_dir={out / 'runs' / name}"]
-            cmd = [sys.executable, "train_c4.py", "--config", config] + [a for s in sets for a in ("--set", s)]
-            runs.append({"name": name, "method": m, "label": label, "lr": lr, "sets": sets, "config": config,
-                         "cmd": cmd, "run_dir": out / "runs" / name, "log": out / "logs" / f"{name}.log"})
-    facts = {"config": config, "out": out, "steps": steps, "tokens_per_step": tokens_per_step,
-             "tokens": steps * tokens_per_step, "galore_rank": galore_rank, "galore_gap": gap, "base": base,
-             "command": " ".join(shlex.quote(a) for a in ["scripts/compare_galore.sh"] + (args.argv or []))}
-    return runs, facts
+class Plan:
+    """The runs of one comparison: the common settings, and one train_c4.py command per (method, lr, seed)."""
+
+    def __init__(self, args):
+        pre = PRESETS[args.preset]
+        if args.preset == "official" and not (C4_SAMPLE.is_dir() and SP_32K.is_file()):
+            raise ConfigError(f"--preset official needs the C4 sample ({C4_SAMPLE}) and the 32k tokenizer ({SP_32K})")
+        self.args, self.preset = args, pre
+        self.config = args.config or pre.config
+        self.common = list(pre.sets) + list(args.set)
+        self.base = load_config(self.config, self.common)               # ConfigError on a bad --set / config
+        self.tokens_per_step = resolve_batch(self.base.deepspeed, 1)[0] * self.base.data.seq_len
+        tokens = args.tokens or pre.tokens or self.base.train.max_steps * self.tokens_per_step
+        self.steps = max(1, math.ceil(tokens / self.tokens_per_step))
+        self.eval_every = max(1, math.ceil(self.steps / max(1, args.evals or pre.evals)))
+        self.galore_gap = pre.galore.get("update_proj_gap", min(200, max(1, self.steps // 50)))
+        self.galore_rank = pre.galore.get("rank", max(1, self.base.model.hidden_size // 4))
+        self.seeds = list(range(args.seeds or pre.seeds))
+        self.lr_sweep = pre.lr_sweep if args.lr_sweep is None else args.lr_sweep
+        self.out = Path(args.out or f"runs/compare_{args.preset}")
+        self.per_method = {}
+        for item in args.method_set:
+            name, _, override = item.partition(":")
+            if name not in METHODS or not override:
+                raise ConfigError(f"--method-set {item!r}: expected METHOD:SECTION.KEY=VALUE with METHOD one of "
+                                  f"{', '.join(METHODS)}")
+            self.per_method.setdefault(name, []).append(override)
+        self.methods = [m.strip() for m in (args.methods or ",".join(pre.methods)).split(",") if m.strip()]
+        for m in self.methods:
+            if m not in METHODS:
+                raise ConfigError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
+        if args.lr_points < 1 or (args.seeds is not None and args.seeds < 1):
+            raise ConfigError("--lr-points and --seeds must be positive")
+
+    def centre_lr(self, method: str) -> float:
+        if METHODS[method].galore:
+            return self.args.galore_lr or self.preset.lrs.get(method, GALORE_LR)
+        return self.args.lr or self.preset.lrs.get(method, self.base.optim.lr)
+
+    def initial_lrs(self, method: str) -> list:
+        if not self.lr_sweep:
+            return [self.centre_lr(method)]
+        n = self.args.lr_points
+        return [self.centre_lr(method) * 2.0 ** (k - n // 2) for k in range(n)]
+
+    def run(self, method: str, lr: float, seed: int) -> dict:
+        m = METHODS[method]
+        opt = (["optim.name=galore_adamw", f"optim.galore_rank={self.galore_rank}",
+                f"optim.galore_update_proj_gap={self.galore_gap}", "optim.galore_scale=0.25",
+                "deepspeed.zero_optimization.stage=0"] if m.galore else ["optim.name=adamw"])
+        name = method + (f"_lr{lr:.4g}" if self.lr_sweep else "") + (f"_s{seed}" if len(self.seeds) > 1 else "")
+        sets = self.common + opt + m.sets + self.per_method.get(method, []) + [
+            f"optim.lr={lr!r}", f"train.seed={seed}", f"data.seed={seed}", f"velora.seed={seed}",
+            f"train.max_steps={self.steps}", f"train.eval_every={self.eval_every}", f"train.save_every={self.steps}",
+            f"train.log_every={max(1, min(10, self.steps // 20))}", "train.keep_last=1",
+            f"train.output_dir={self.out / 'runs' / name}"]
+        cmd = [sys.executable, "train_c4.py", "--config", self.config] + [a for s in sets for a in ("--set", s)]
+        return {"name": name, "method": method, "label": m.label, "lr": lr, "seed": seed, "sets": sets,
+                "config": self.config, "cmd": cmd, "run_dir": self.out / "runs" / name,
+                "log": self.out / "logs" / f"{name}.log"}
+
+    def facts(self) -> dict:
+        argv = self.args.argv or []
+        return {"config": self.config, "out": self.out, "steps": self.steps, "tokens_per_step": self.tokens_per_step,
+                "tokens": self.steps * self.tokens_per_step, "galore_rank": self.galore_rank,
+                "galore_gap": self.galore_gap, "base": self.base, "seeds": self.seeds, "lr_sweep": self.lr_sweep,
+                "preset": self.args.preset, "methods": self.methods,
+                "command": " ".join(shlex.quote(a) for a in ["scripts/compare_galore.sh"] + argv)}
+
+
+MARKER = "compare_run.json"
 
 
 def _done(run) -> dict | None:
-    marker = run["run_dir"] / "compare_run.json"
+    marker = run["run_dir"] / MARKER
     if marker.is_file():
         rec = json.loads(marker.read_text())
-        if rec.get("cmd") == run["cmd"][1:] and rec.get("returncode") == 0:
+        if rec.get("cmd") == run["cmd"][1:] and rec.get("returncode") is not None:
             return rec
     return None
 
 
 def execute(run, threads: int, lock) -> dict:
-    """Run one train_c4.py (or reuse a completed identical run); stream its progress lines."""
+    """Run one train_c4.py (or reuse a finished identical run); stream its progress lines."""
     tag = f"[{run['name']}]"
     rec = _done(run)
-    if rec is not None:
+    if rec is not None and (rec["returncode"] == 0 or rec.get("diverged")):
         print(f"{tag} reusing the completed run in {run['run_dir']}", flush=True)
         return rec
-    shutil.rmtree(run["run_dir"], ignore_errors=True)     # an incomplete or different earlier run
+    if run["run_dir"].exists():
+        if not (run["run_dir"] / MARKER).is_file():
+            raise ConfigError(f"{run['run_dir']} exists and was not made by compare_galore; choose another --out")
+        shutil.rmtree(run["run_dir"])                      # our own earlier, incomplete or different run
+    run["run_dir"].mkdir(parents=True)
+    (run["run_dir"] / MARKER).write_text(json.dumps({"cmd": run["cmd"][1:], "returncode": None}) + "\n")
     run["log"].parent.mkdir(parents=True, exist_ok=True)
     print(f"{tag} start: {' '.join(shlex.quote(a) for a in run['cmd'])}", flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads))
@@ -154,18 +265,18 @@ def execute(run, threads: int, lock) -> dict:
         for line in proc.stdout:                          # text mode splits tqdm's \r updates too
             log.write(line)
             line = line.strip()
-            if line.startswith(("step ", "eval at", "final validation", "error", "Traceback")) or "Error" in line:
+            if line.startswith(("eval at", "final validation", "error", "Traceback")) or "Error" in line:
                 with lock:
                     print(f"{tag} {line}", flush=True)
             if line and not line.startswith("train:"):
                 last = line
         rc = proc.wait()
-    rec = {"cmd": run["cmd"][1:], "returncode": rc, "wall_s": time.time() - t0,
-           "error": None if rc == 0 else _error_line(run["log"]) or last}
-    run["run_dir"].mkdir(parents=True, exist_ok=True)
-    (run["run_dir"] / "compare_run.json").write_text(json.dumps(rec, indent=1) + "\n")
-    print(f"{tag} {'done' if rc == 0 else 'FAILED'} in {rec['wall_s']:.0f} s"
-          + (f": {rec['error']}" if rc else ""), flush=True)
+    error = None if rc == 0 else _error_line(run["log"]) or last
+    rec = {"cmd": run["cmd"][1:], "returncode": rc, "wall_s": time.time() - t0, "error": error,
+           "diverged": bool(error and "non-finite loss" in error)}
+    (run["run_dir"] / MARKER).write_text(json.dumps(rec, indent=1) + "\n")
+    print(f"{tag} {'done' if rc == 0 else 'DIVERGED' if rec['diverged'] else 'FAILED'} in {rec['wall_s']:.0f} s"
+          + (f": {error}" if rc else ""), flush=True)
     return rec
 
 
@@ -175,6 +286,38 @@ def _error_line(log: Path) -> str:
         if ln.startswith("error:") or "Error" in ln.split(":")[0]:
             return ln
     return lines[-1] if lines else "no output"
+
+
+def sweep(plan: Plan, pool, threads: int) -> list[tuple[dict, dict]]:
+    """Run every (method, lr, seed); with --lr-sweep, extend each method's grid by a factor 2 beyond an edge
+    while the best mean validation loss sits there (at most 6 extensions per method)."""
+    from compare_report import lr_means
+
+    lock = threading.Lock()
+    lrs = {m: plan.initial_lrs(m) for m in plan.methods}
+    done = {}
+    for _ in range(7):
+        todo = [plan.run(m, lr, s) for m in plan.methods for lr in lrs[m] for s in plan.seeds
+                if (m, lr, s) not in done]
+        if not todo:
+            break
+        for run, rec in zip(todo, pool.map(lambda r: execute(r, threads, lock), todo)):
+            done[(run["method"], run["lr"], run["seed"])] = (run, rec)
+        if not plan.lr_sweep:
+            break
+        for m in plan.methods:
+            means = lr_means([(r, read_log(r["run_dir"]) if rec["returncode"] == 0 else {})
+                              for (mm, _, _), (r, rec) in done.items() if mm == m], len(plan.seeds))
+            finite = {lr: v for lr, v in means.items() if math.isfinite(v)}
+            if not finite:                                # every lr diverged or failed: go lower
+                lrs[m] = [min(lrs[m]) / 2] + lrs[m]
+                continue
+            best = min(finite, key=finite.get)
+            if best == min(lrs[m]):
+                lrs[m] = [best / 2] + lrs[m]
+            elif best == max(lrs[m]):
+                lrs[m] = lrs[m] + [best * 2]
+    return list(done.values())
 
 
 def _state_bytes(obj, seen: set) -> int:
@@ -222,6 +365,7 @@ def measure(run, measure_batch: int) -> dict:
 
 def read_log(run_dir: Path) -> dict:
     """What train_c4.py logged: the final evaluation, the eval curve, median step time and tokens/s, peak memory."""
+    import statistics
     path = run_dir / "train_log.jsonl"
     recs = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
     train = [r for r in recs if r["kind"] == "train"]
@@ -249,36 +393,39 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        runs, facts = plan(args)
-    except (ConfigError, ValueError) as e:
+        plan = Plan(args)
+        plan.out.mkdir(parents=True, exist_ok=True)
+        facts = plan.facts()
+        print(f"compare_galore: {len(plan.methods)} method(s) x {len(plan.seeds)} seed(s)"
+              f"{' x swept lrs' if plan.lr_sweep else ''}, {plan.steps} steps ({facts['tokens']:,} tokens) per run, "
+              f"config {plan.config}, output {plan.out}", flush=True)
+        jobs = max(1, args.jobs or plan.preset.jobs)
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        facts.update(jobs=jobs, threads=threads)
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            results = sweep(plan, pool, threads)
+    except (ConfigError, ValueError, OSError) as e:
         print(f"compare_galore: error: {e}", file=sys.stderr)
         return 2
-    out = facts["out"]
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"compare_galore: {len(runs)} run(s) of {facts['steps']} steps ({facts['tokens']:,} tokens) each, "
-          f"config {facts['config']}, output {out}", flush=True)
-    lock = threading.Lock()
-    jobs = max(1, args.jobs or (2 if args.quick else 1))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    facts.update(jobs=jobs, threads=threads)
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        recs = list(pool.map(lambda r: execute(r, threads, lock), runs))
-    rows = []
-    for run, rec in zip(runs, recs):
+    rows, measured = [], {}
+    for run, rec in sorted(results, key=lambda x: (plan.methods.index(x[0]["method"]), x[0]["lr"], x[0]["seed"])):
+        status = "ok" if rec["returncode"] == 0 else "diverged" if rec.get("diverged") else "failed"
         row = {"name": run["name"], "method": run["method"], "label": run["label"], "lr": run["lr"],
-               "status": "ok" if rec["returncode"] == 0 else "failed", "error": rec["error"] or "",
-               "wall_s": rec["wall_s"], "command": " ".join(shlex.quote(a) for a in ["python"] + rec["cmd"])}
-        if rec["returncode"] == 0:
+               "seed": run["seed"], "status": status, "error": rec["error"] or "", "wall_s": rec["wall_s"],
+               "command": " ".join(shlex.quote(a) for a in ["python"] + rec["cmd"])}
+        if status == "ok":
             row.update(read_log(run["run_dir"]))
-            try:
-                row.update(measure(run, args.measure_batch))
-            except Exception as e:                   # a measurement failure is reported, not fatal
-                row.update(status="failed", error=f"memory measurement: {type(e).__name__}: {e}")
+            if run["method"] not in measured:
+                try:
+                    measured[run["method"]] = measure(run, args.measure_batch)
+                except Exception as e:                   # a measurement failure is reported, not fatal
+                    measured[run["method"]] = {"measure_error": f"{type(e).__name__}: {e}"}
+            row.update(measured[run["method"]])
         rows.append(row)
     from compare_report import write_reports
-    write_reports(rows, facts, out)
-    failed = [r["name"] for r in rows if r["status"] != "ok"]
-    print(f"compare_galore: wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'plot.png'}"
+    write_reports(rows, facts, plan.out)
+    failed = sorted({r["name"] for r in rows if r["status"] == "failed" or "measure_error" in r})
+    print(f"compare_galore: wrote {plan.out / 'results.csv'}, {plan.out / 'results.md'}, {plan.out / 'plot.png'}"
           + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
     return 1 if failed else 0
 

@@ -1,10 +1,13 @@
-"""The tables and the plot of scripts/compare_galore.py: results.csv, results.md, plot.png."""
+"""The tables and the plot of scripts/compare_galore.py: results.csv (one row per run), results.md (one row
+per method at its best lr: mean ± std over seeds, paired ratios to full-rank, whether a difference is
+beyond the seed spread, whether the curves still cross) and plot.png."""
 from __future__ import annotations
 
 import csv
 import datetime
 import math
 import platform
+import statistics
 from pathlib import Path
 
 MIB = 2 ** 20
@@ -14,31 +17,104 @@ MIB = 2 ** 20
 PUBLISHED = [("GaLore paper, Table 2", "full-rank", {"60m": 34.06, "130m": 25.08, "350m": 18.80, "1b": 15.56}),
              ("GaLore paper, Table 2", "GaLore", {"60m": 34.88, "130m": 25.36, "350m": 18.95, "1b": 15.64}),
              ("VeLoRA official repository README", "VeLoRA", {"60m": 33.28})]
-CSV_FIELDS = ["name", "method", "label", "lr", "selected", "status", "error", "val_loss", "val_ppl", "val_galore_ppl",
-              "ppl_vs_full_rank", "eval_tokens", "steps", "tokens_trained", "param_bytes", "grad_bytes",
-              "optim_state_bytes", "saved_bytes_micro", "saved_vs_full_rank", "saved_measured_batch", "micro_batch",
-              "peak_rss", "cuda_max_allocated", "cuda_max_reserved", "tokens_per_s", "step_time_s",
-              "step_time_vs_full_rank", "tokens_per_s_vs_full_rank", "wall_s", "command"]
+CSV_FIELDS = ["name", "method", "label", "lr", "seed", "selected", "status", "error", "val_loss", "val_ppl",
+              "val_galore_ppl", "ppl_vs_full_rank", "eval_tokens", "steps", "tokens_trained", "param_bytes",
+              "grad_bytes", "optim_state_bytes", "saved_bytes_micro", "saved_vs_full_rank", "saved_measured_batch",
+              "micro_batch", "peak_rss", "cuda_max_allocated", "cuda_max_reserved", "tokens_per_s", "step_time_s",
+              "wall_s", "command"]
+# Two-sided 95% Student t quantiles by degrees of freedom (a paired test over seeds).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
-def _select(rows: list[dict]) -> None:
-    """Mark the best completed run of each method (lowest validation loss) as selected, and add the
-    ratios to the selected full-rank run."""
-    best = {}
-    for r in rows:
-        if r["status"] == "ok" and math.isfinite(r.get("val_loss", math.nan)):
-            if r["method"] not in best or r["val_loss"] < best[r["method"]]["val_loss"]:
-                best[r["method"]] = r
-    for r in rows:
-        r["selected"] = best.get(r["method"]) is r
-    ref = best.get("full_rank")
-    for r in rows:
-        if ref is None or r["status"] != "ok":
+def lr_means(entries: list, n_seeds: int) -> dict:
+    """{lr: mean final validation loss over the seeds} from (run, log) pairs of one method; inf where a seed
+    diverged or failed; lrs whose seeds have not all run are left out."""
+    by_lr = {}
+    for run, log in entries:
+        by_lr.setdefault(run["lr"], []).append(log.get("val_loss", math.inf))
+    return {lr: (statistics.fmean(v) if all(math.isfinite(x) for x in v) else math.inf)
+            for lr, v in by_lr.items() if len(v) == n_seeds}
+
+
+def _mean_std(values: list) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
+
+
+def spread_verdict(ratios: list, limit: float = 1.0) -> str:
+    """Whether paired per-seed ratios differ from `limit` beyond the seed spread (95% paired t interval)."""
+    if len(ratios) < 2:
+        return "one seed: spread unknown"
+    mean, std = _mean_std(ratios)
+    half = T95.get(len(ratios) - 1, 2.0) * std / math.sqrt(len(ratios))
+    lo, hi = mean - half, mean + half
+    if hi < limit:
+        return f"below {limit:g} beyond the seed spread (95% interval {lo:.3f}–{hi:.3f})"
+    if lo > limit:
+        return f"above {limit:g} beyond the seed spread (95% interval {lo:.3f}–{hi:.3f})"
+    return f"within the seed spread of {limit:g} (95% interval {lo:.3f}–{hi:.3f})"
+
+
+def summarize(rows: list[dict], n_seeds: int) -> list[dict]:
+    """One dict per method at its best lr (lowest mean validation loss over all seeds)."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    out = []
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        means = lr_means([(r, r) for r in mine], n_seeds)
+        finite = {lr: v for lr, v in means.items() if math.isfinite(v)}
+        s = {"method": m, "label": mine[0]["label"], "lrs": means, "rows": mine}
+        if finite:
+            best = min(finite, key=finite.get)
+            sel = sorted((r for r in mine if r["lr"] == best), key=lambda r: r["seed"])
+            for r in sel:
+                r["selected"] = True
+            s.update(best_lr=best, selected=sel, ppl=_mean_std([r["val_ppl"] for r in sel]),
+                     galore_ppl=_mean_std([r["val_galore_ppl"] for r in sel]),
+                     step_time=statistics.fmean(r["step_time_s"] for r in sel),
+                     tokens_per_s=statistics.fmean(r["tokens_per_s"] for r in sel),
+                     edge=len(means) > 1 and best in (min(means), max(means)), **{k: sel[0].get(k) for k in (
+                         "saved_bytes_micro", "param_bytes", "grad_bytes", "optim_state_bytes", "measure_error")})
+            s["curve"] = _mean_curve(sel)
+        out.append(s)
+    ref = next((s for s in out if s["method"] == "full_rank" and "best_lr" in s), None)
+    for s in out:
+        if ref is None or "best_lr" not in s:
             continue
-        r["ppl_vs_full_rank"] = r["val_ppl"] / ref["val_ppl"]
-        r["saved_vs_full_rank"] = r["saved_bytes_micro"] / ref["saved_bytes_micro"]
-        r["step_time_vs_full_rank"] = r["step_time_s"] / ref["step_time_s"]
-        r["tokens_per_s_vs_full_rank"] = r["tokens_per_s"] / ref["tokens_per_s"]
+        base = {r["seed"]: r for r in ref["selected"]}
+        ratios = [r["val_ppl"] / base[r["seed"]]["val_ppl"] for r in s["selected"] if r["seed"] in base]
+        s["ratios"] = ratios
+        s["ratio"] = _mean_std(ratios)
+        s["verdict"] = spread_verdict(ratios) if s is not ref else ""
+        if s.get("saved_bytes_micro") and ref.get("saved_bytes_micro"):
+            s["saved_ratio"] = s["saved_bytes_micro"] / ref["saved_bytes_micro"]
+        s["step_time_ratio"] = s["step_time"] / ref["step_time"]
+        for r in s["selected"]:
+            r["ppl_vs_full_rank"] = r["val_ppl"] / base[r["seed"]]["val_ppl"] if r["seed"] in base else ""
+            r["saved_vs_full_rank"] = s.get("saved_ratio", "")
+    return out
+
+
+def _mean_curve(sel: list) -> list:
+    """[(tokens, mean loss, std)] at the eval points every selected seed has."""
+    curves = [dict(r.get("curve") or []) for r in sel]
+    points = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    return [(t, *_mean_std([c[t] for c in curves])) for t in points]
+
+
+def crossing(summary: list) -> str:
+    """Where the ranking of the methods' mean validation loss last changed, from eval to eval."""
+    curves = {s["method"]: {t: mean for t, mean, _ in s["curve"]} for s in summary if s.get("curve")}
+    if len(curves) < 2:
+        return "fewer than two methods with a curve: nothing to cross"
+    points = sorted(set.intersection(*(set(c) for c in curves.values())))
+    ranks = [tuple(sorted(curves, key=lambda m: curves[m][t])) for t in points]
+    last_change = max((i for i in range(1, len(ranks)) if ranks[i] != ranks[i - 1]), default=0)
+    total = points[-1]
+    if last_change == 0:
+        return f"the ranking of the mean validation losses is the same at all {len(points)} evaluations"
+    return (f"the ranking of the mean validation losses last changed at the evaluation after {points[last_change]:,.0f} "
+            f"tokens ({points[last_change] / total:.0%} of the budget) and holds for the remaining "
+            f"{len(points) - 1 - last_change} of {len(points)} evaluations")
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -49,147 +125,141 @@ def write_csv(rows: list[dict], path: Path) -> None:
             w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
 
 
-def _f(v, fmt: str, scale: float = 1.0) -> str:
-    return "–" if v is None or v == "" else format(v / scale, fmt)
+def _pm(pair, fmt=".2f") -> str:
+    mean, std = pair
+    return f"{mean:{fmt}}" + ("" if math.isnan(std) else f" ± {std:{fmt}}")
 
 
-def _peak(r: dict) -> str:
-    if "cuda_max_allocated" in r:
-        return f"{r['cuda_max_allocated'] / MIB:.0f} / {r['cuda_max_reserved'] / MIB:.0f}"
-    return _f(r.get("peak_rss"), ".0f", MIB)
-
-
-def _goals(rows: list[dict], gpu: bool) -> list[str]:
-    """The issue's goals, judged from the selected rows (step time only on a GPU: see the caveat)."""
-    sel = {r["method"]: r for r in rows if r.get("selected")}
-    if "full_rank" not in sel:
+def _goals(summary: list) -> list[str]:
+    """Issue 12's goals for every compressing method, from the measured bytes and the paired ratios."""
+    ref = next((s for s in summary if s["method"] == "full_rank" and "ratio" in s), None)
+    if ref is None:
         return ["- No completed full-rank run: the goals cannot be judged."]
     out = []
-
-    def judge(what, method, key, limit):
-        r = sel.get(method)
-        if r is None:
-            ran = any(row["method"] == method for row in rows)
-            out.append(f"- {what}: not measured ({method} {'did not complete' if ran else 'was not run'}).")
-            return
-        v = r[key]
-        verdict = "met" if v <= limit else f"**missed** by {v / limit - 1:.1%}"
-        if key == "step_time_vs_full_rank" and not gpu:
-            verdict = "not judged: CPU runs under varying shared load (see above)"
-        out.append(f"- {what}: {v:.3f} (goal ≤ {limit}) — {verdict}.")
-
-    judge("VeLoRA `all` saved-for-backward bytes / full-rank, same micro-batch", "velora_all", "saved_vs_full_rank", 0.86)
-    judge("VeLoRA `all` + memory options saved bytes / plain full-rank", "velora_all_memopts", "saved_vs_full_rank", 0.5)
-    judge("VeLoRA `all` validation perplexity / full-rank", "velora_all", "ppl_vs_full_rank", 1.01)
-    judge("VeLoRA `all` step time / full-rank", "velora_all", "step_time_vs_full_rank", 1.03)
-    for m, other in (("velora_all_galore", "galore"), ("velora_all_galore", "velora_all")):
-        a, b = sel.get(m), sel.get(other)
-        if a and b:
-            out.append(f"- {a['label']} vs {b['label']}: perplexity {a['val_ppl']:.2f} vs {b['val_ppl']:.2f}, "
-                       f"saved bytes {a['saved_bytes_micro'] / MIB:.1f} vs {b['saved_bytes_micro'] / MIB:.1f} MiB, "
-                       f"optimizer state {a['optim_state_bytes'] / MIB:.2f} vs {b['optim_state_bytes'] / MIB:.2f} MiB.")
-    return out
+    for s in summary:
+        if "ratio" not in s or s is ref or s.get("saved_ratio") is None or s["saved_ratio"] >= 1:
+            continue
+        memopts = s["method"].endswith("memopts")
+        limit = 0.50 if memopts else 0.85
+        mem_ok, ppl_ok = s["saved_ratio"] <= limit, s["ratio"][0] <= 1.01
+        verdict = "met" if mem_ok and ppl_ok else "**missed**"
+        out.append(f"- {s['label']}: saved bytes {s['saved_ratio']:.3f} (goal ≤ {limit:.2f}{' with memory options' if memopts else ''}), "
+                   f"ppl ratio {_pm(s['ratio'], '.3f')} (goal ≤ 1.01; {spread_verdict(s['ratios'], 1.01)}) — {verdict}.")
+    return out or ["- No compressing method completed."]
 
 
-def write_markdown(rows: list[dict], facts: dict, path: Path) -> None:
+def write_markdown(rows: list[dict], summary: list, facts: dict, path: Path) -> None:
     base, m = facts["base"], facts["base"].model
     gpu = any("cuda_max_allocated" in r for r in rows)
-    size = Path(facts["config"]).stem.replace("llama_", "")
+    seeds = facts["seeds"]
     lines = [
-        f"### VeLoRA vs GaLore vs full-rank: {Path(facts['config']).name}, {facts['tokens']:,} tokens per method",
+        f"### {Path(facts['config']).name}, preset `{facts['preset']}`: {facts['tokens']:,} tokens per run, "
+        f"{len(seeds)} seed(s){', lr swept' if facts['lr_sweep'] else ''}",
         "",
-        f"Measured {datetime.date.today().isoformat()} on {platform.machine()} "
-        f"({'GPU' if gpu else 'CPU'}), with:",
+        f"Measured {datetime.date.today().isoformat()} on {platform.machine()} ({'GPU' if gpu else 'CPU'}), with:",
         "",
         f"`{facts['command']}`",
         "",
         f"Model: hidden {m.hidden_size}, intermediate {m.intermediate_size}, {m.num_hidden_layers} layers, "
         f"{m.num_attention_heads} heads, vocab {m.vocab_size}. Data: `{base.data.source}`"
         + (f" (`{base.data.path}`)" if base.data.path else "") + f", tokenizer `{base.data.tokenizer}`, "
-        f"sequence {base.data.seq_len}, {facts['steps']} steps × {facts['tokens_per_step']:,} tokens, seed "
-        f"{base.train.seed}, {base.optim.scheduler} schedule (warmup {base.optim.warmup_ratio:g}, min lr ratio "
-        f"{base.optim.min_lr_ratio:g}). GaLore: rank {facts['galore_rank']} (hidden/4), update_proj_gap "
-        f"{facts['galore_gap']}, scale 0.25, ZeRO 0. VeLoRA: rank {base.velora.rank}, sub_token_size "
-        f"{base.velora.sub_token_size or 'paper grouping'}"
+        f"packing `{base.data.packing}`, sequence {base.data.seq_len}, {facts['steps']} steps × "
+        f"{facts['tokens_per_step']:,} tokens, seeds {', '.join(map(str, seeds))} (initial weights, data order and "
+        f"codec noise), {base.optim.scheduler} schedule (warmup {base.optim.warmup_ratio:g}, min lr ratio "
+        f"{base.optim.min_lr_ratio:g}), {'bf16' if base.deepspeed.get('bf16', {}).get('enabled') else 'fp32'}. "
+        f"GaLore: rank {facts['galore_rank']}, update_proj_gap {facts['galore_gap']}, scale 0.25 (its recipe's two "
+        f"parameter groups: one lr, the projected matrices' updates scaled by 0.25), ZeRO 0. VeLoRA: rank "
+        f"{base.velora.rank}, sub_token_size {base.velora.sub_token_size or 'paper grouping'}"
         + (f", overrides {base.velora.sub_token_overrides}" if base.velora.sub_token_overrides else "")
-        + f", init {base.velora.init}. Validation: the fixed slice of `data.val_tokens` = "
-        f"{base.data.val_tokens:,} tokens; `ppl` is token-weighted, `GaLore ppl` is GaLore's figure "
-        f"(exp of summed batch losses / (batches + 1)).",
+        + f", init {base.velora.init}. Validation: the fixed slice of `data.val_tokens` = {base.data.val_tokens:,} "
+        f"tokens; `ppl` is token-weighted.",
         "",
-        "Memory columns are exact tensor bytes measured in the driver: saved for backward per micro-batch "
-        "(`velora.memory`, measured at a smaller batch and scaled linearly where the micro-batch is larger), "
-        "parameters, gradients, and the optimizer's state after one real step (GaLore's low-rank moments and "
-        "projection matrices included). Peak memory is from the run's log: "
-        + ("CUDA max allocated / reserved." if gpu else "process peak RSS (includes Python, torch and DeepSpeed)."),
-        "Tokens/s and step time are medians of the logged steps; ratios are to the full-rank run"
-        + (f" (runs {facts['jobs']} at a time, {facts['threads']} thread(s) each: timings share the machine)."
-           if facts.get("jobs", 1) > 1 else ".")
-        + ("" if gpu else " On a shared CPU the runs meet different outside load, so these timing ratios do not "
-           "measure a method's cost; `scripts/bench_velora.py time` measures step time with interleaved repetitions."),
+        "Per method, the lr with the lowest mean final validation loss over the seeds; ppl is mean ± std over "
+        "the seeds at that lr; the ratio to full-rank is paired by seed (same initial weights and batches) and "
+        "judged with a 95% paired t interval. Memory columns are exact tensor bytes measured in the driver "
+        "(saved for backward per micro-batch with `velora.memory`; the optimizer's state after one real step). "
+        + ("" if gpu else "Step times come from runs sharing a CPU and are not the step-time figure "
+           "(`scripts/bench_velora.py time` interleaves the variants in one process)."),
         "",
-        "| method | lr | ppl | GaLore ppl | ppl / full-rank | saved MiB / micro-batch | saved / full-rank | "
-        "params MiB | grads MiB | optimizer state MiB | peak MiB | tokens/s | step time / full-rank | wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | best lr | ppl | ppl / full-rank | vs full-rank | saved MiB / micro-batch | saved / full-rank | "
+        "optimizer state MiB | step time / full-rank |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
-    for r in rows:
-        if not r.get("selected") and r["status"] == "ok":
+    for s in summary:
+        if "best_lr" not in s:
+            lines.append(f"| {s['label']} | – | no lr completed every seed | | | | | | |")
             continue
-        if r["status"] != "ok":
-            lines.append(f"| {r['label']} | {r['lr']:g} | FAILED: {r['error'].replace('|', '/')} |"
-                         + " |" * 11)
-            continue
+        edge = " (edge)" if s["edge"] else ""
         lines.append(
-            f"| {r['label']} | {r['lr']:g} | {r['val_ppl']:.2f} | {r['val_galore_ppl']:.2f} | "
-            f"{_f(r.get('ppl_vs_full_rank'), '.3f')} | {r['saved_bytes_micro'] / MIB:.2f} | "
-            f"{_f(r.get('saved_vs_full_rank'), '.3f')} | {r['param_bytes'] / MIB:.2f} | {r['grad_bytes'] / MIB:.2f} | "
-            f"{r['optim_state_bytes'] / MIB:.2f} | {_peak(r)} | {r['tokens_per_s']:.0f} | "
-            f"{_f(r.get('step_time_vs_full_rank'), '.3f')} | {r['wall_s']:.0f} |")
-    if any(not r.get("selected") and r["status"] == "ok" for r in rows):
-        lines += ["", "Learning-rate sweep (validation ppl per lr; the table keeps each method's best):", ""]
-        for method in dict.fromkeys(r["method"] for r in rows):
-            tried = [f"{r['lr']:g}: {r['val_ppl']:.2f}" if r["status"] == "ok" else f"{r['lr']:g}: failed"
-                     for r in rows if r["method"] == method]
-            lines.append(f"- {method}: " + ", ".join(tried))
-    lines += ["", "Goals (issue 7):", ""] + _goals(rows, gpu)
-    lines += ["", f"Published validation perplexities (**not ours**: other tokens, tokenizer, data and budget — "
-                  f"context only; this run is `{size}`):", "",
-              "| source | method | 60M | 130M | 350M | 1B |", "|---|---|---:|---:|---:|---:|"]
+            f"| {s['label']} | {s['best_lr']:.4g}{edge} | {_pm(s['ppl'])} | "
+            f"{_pm(s['ratio'], '.3f') if 'ratio' in s else '–'} | {s.get('verdict') or '–'} | "
+            f"{(s.get('saved_bytes_micro') or 0) / MIB:.2f} | {s.get('saved_ratio', math.nan):.3f} | "
+            f"{(s.get('optim_state_bytes') or 0) / MIB:.2f} | {s.get('step_time_ratio', math.nan):.3f} |")
+    lines += ["", f"Curves: {crossing(summary)}.", ""]
+    if facts["lr_sweep"]:
+        lines += ["Learning-rate sweep (mean validation ppl over the seeds per lr; `diverged` where a seed's loss "
+                  "became non-finite):", ""]
+        for s in summary:
+            cells = []
+            for lr in sorted(s["lrs"]):
+                runs = [r for r in s["rows"] if r["lr"] == lr]
+                ok = [r["val_ppl"] for r in runs if r["status"] == "ok"]
+                cells.append(f"{lr:.4g}: " + (f"{statistics.fmean(ok):.2f}" if len(ok) == len(runs) else
+                                              "diverged" if any(r["status"] == "diverged" for r in runs) else "failed"))
+            lines.append(f"- {s['method']}: " + ", ".join(cells))
+        lines.append("")
+    lines += ["Goals (issue 12):", ""] + _goals(summary)
+    failed = [r for r in rows if r["status"] == "failed"]
+    if failed:
+        lines += ["", "Runs that FAILED (for another reason than a diverged loss):", ""] + [
+            f"- {r['name']}: {r['error']}" for r in failed]
+    lines += ["", "Published validation perplexities (**not ours**: other tokens, tokenizer, data and budget — "
+                  "context only):", "", "| source | method | 60M | 130M | 350M | 1B |", "|---|---|---:|---:|---:|---:|"]
     for src, method, vals in PUBLISHED:
         lines.append(f"| {src} (published) | {method} | "
                      + " | ".join(f"{vals[k]:.2f}" if k in vals else "–" for k in ("60m", "130m", "350m", "1b")) + " |")
-    lines += ["", "Each run's exact command (logs in `logs/`, run directories in `runs/`):", ""]
-    lines += [f"- {r['name']}: `{r['command']}`" for r in rows]
+    lines += ["", "The best-lr runs' exact commands (every run's command is in results.csv):", ""]
+    lines += [f"- {r['name']}: `{r['command']}`" for s in summary for r in s.get("selected", [])]
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_plot(rows: list[dict], path: Path) -> None:
+def write_plot(summary: list, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    markers = "osD^vP*X"
-    for i, r in enumerate(r for r in rows if r.get("selected") and r.get("curve")):
-        label, color, marker = f"{r['label']} (lr {r['lr']:g})", f"C{i}", markers[i % len(markers)]
-        xs, ys = zip(*r["curve"])
-        ax1.plot(xs, ys, marker=marker, color=color, label=label)
-        mem = (r["saved_bytes_micro"] + r["param_bytes"] + r["grad_bytes"] + r["optim_state_bytes"]) / MIB
-        ax2.scatter([mem], [r["val_ppl"]], s=50, color=color, marker=marker, label=label)
-    ax1.set(xlabel="training tokens", ylabel="validation loss", title="validation loss vs tokens")
-    ax1.legend(fontsize=7)
-    ax2.legend(fontsize=7)
-    ax1.grid(alpha=0.3)
-    ax2.set(xlabel="params + grads + optimizer state + saved activations per micro-batch (MiB)",
-            ylabel="validation perplexity", title="perplexity vs memory")
-    ax2.grid(alpha=0.3)
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 5.2))
+    markers = "osD^vP*X<>h"
+    for i, s in enumerate(s for s in summary if s.get("curve")):
+        color, marker = f"C{i % 10}", markers[i % len(markers)]
+        label = f"{s['label']} (lr {s['best_lr']:.3g})"
+        t, mean, std = zip(*s["curve"])
+        ax1.plot(t, mean, marker=marker, color=color, label=label, ms=4)
+        if not math.isnan(std[0]):
+            ax1.fill_between(t, [a - b for a, b in zip(mean, std)], [a + b for a, b in zip(mean, std)],
+                             color=color, alpha=0.15)
+        if s.get("saved_ratio") is not None:
+            ax2.errorbar([s["saved_ratio"]], [s["ppl"][0]], yerr=[0 if math.isnan(s["ppl"][1]) else s["ppl"][1]],
+                         fmt=marker, color=color, capsize=4, label=label)
+        lrs = sorted(lr for lr, v in s["lrs"].items() if math.isfinite(v))
+        if len(lrs) > 1:
+            ax3.plot(lrs, [math.exp(s["lrs"][lr]) for lr in lrs], marker=marker, color=color, label=s["label"])
+    ax1.set(xlabel="training tokens", ylabel="validation loss (mean ± std over seeds)", title="validation loss")
+    ax2.set(xlabel="saved-for-backward bytes / full-rank", ylabel="validation perplexity (mean ± std)",
+            title="perplexity vs saved activations")
+    ax3.set(xscale="log", xlabel="learning rate", ylabel="exp(mean validation loss)", title="lr sweep")
+    for ax in (ax1, ax2, ax3):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def write_reports(rows: list[dict], facts: dict, out: Path) -> None:
-    """results.csv, results.md and plot.png in `out`."""
-    _select(rows)
+def write_reports(rows: list[dict], facts: dict, out: Path) -> list[dict]:
+    """results.csv, results.md and plot.png in `out`; returns the per-method summary."""
+    summary = summarize(rows, len(facts["seeds"]))
     write_csv(rows, out / "results.csv")
-    write_markdown(rows, facts, out / "results.md")
-    write_plot(rows, out / "plot.png")
+    write_markdown(rows, summary, facts, out / "results.md")
+    write_plot(summary, out / "plot.png")
+    return summary

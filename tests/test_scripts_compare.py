@@ -1,5 +1,6 @@
-"""scripts/compare_galore.sh: every method end to end on a very small budget, a failing method reported
-in its row, completed runs reused on a second call."""
+"""scripts/compare_galore.sh: every method of the quick preset end to end on a very small budget, a failing
+method reported in its row, completed runs reused on a second call; the lr sweep's extension at an edge, the
+seed statistics and the curve-crossing check on synthetic results."""
 import csv
 import math
 import subprocess
@@ -29,13 +30,13 @@ def test_compare_quick_end_to_end(tmp_path):
     assert "[full_rank] start:" in proc.stdout and "FAILED: galore" in proc.stdout
 
     rows = {r["method"]: r for r in csv.DictReader(open(out / "results.csv"))}
-    assert set(rows) == set(compare_galore.METHODS)
+    assert set(rows) == set(compare_galore.PRESETS["quick"].methods)
     bad = rows.pop("galore")
     assert bad["status"] == "failed" and "optim.name" in bad["error"] and "sgd" in bad["error"]
     for name, r in rows.items():
         assert r["status"] == "ok", (name, r["error"])
         for key in ("val_loss", "val_ppl", "val_galore_ppl", "saved_bytes_micro", "optim_state_bytes", "param_bytes",
-                    "tokens_per_s", "step_time_vs_full_rank", "peak_rss", "wall_s"):
+                    "tokens_per_s", "step_time_s", "peak_rss", "wall_s"):
             assert math.isfinite(float(r[key])) and float(r[key]) > 0, (name, key, r[key])
         assert r["command"].startswith("python train_c4.py --config configs/llama_tiny.json")
         assert (out / "logs" / f"{name}.log").is_file()
@@ -62,3 +63,53 @@ def test_compare_bad_arguments(capsys):
     assert "--methods: unknown method 'nope'" in capsys.readouterr().err
     assert compare_galore.main(["--quick", "--method-set", "galore=lr", "--out", "/nonexistent/x"]) == 2
     assert "--method-set 'galore=lr'" in capsys.readouterr().err
+
+
+def test_lr_sweep_extends_past_an_edge_and_picks_the_best_mean(monkeypatch, tmp_path):
+    """Losses are a parabola in log2(lr) with its minimum at 4x the centre: the 5-point grid (centre/4 ..
+    centre*4) has its best at the upper edge, so the sweep adds 8x, finds 4x interior and stops."""
+    centre = 0.001
+
+    def fake_execute(run, threads, lock):
+        return {"cmd": run["cmd"][1:], "returncode": 0, "wall_s": 1.0, "error": None, "diverged": False}
+
+    def fake_log(run_dir):
+        lr = float(run_dir.name.split("_lr")[1].split("_")[0])
+        seed = int(run_dir.name.rsplit("_s", 1)[1])
+        loss = 4.0 + (math.log2(lr / centre) - 2) ** 2 * 0.01 + 0.001 * seed
+        return {"val_loss": loss, "val_ppl": math.exp(loss), "val_galore_ppl": math.exp(loss), "step_time_s": 1.0,
+                "tokens_per_s": 1.0, "curve": [(100, loss + 1), (200, loss)]}
+
+    monkeypatch.setattr(compare_galore, "execute", fake_execute)
+    monkeypatch.setattr(compare_galore, "read_log", fake_log)
+    args = compare_galore.parse_args(["--quick", "--methods", "full_rank", "--lr-sweep", "--seeds", "2",
+                                      "--lr", str(centre), "--out", str(tmp_path)])
+    args.argv = []
+    plan = compare_galore.Plan(args)
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(1) as pool:
+        done = compare_galore.sweep(plan, pool, 1)
+    lrs = sorted({run["lr"] for run, _ in done})
+    assert lrs == [centre * 2.0 ** k for k in range(-2, 4)]
+    assert len(done) == 2 * len(lrs)
+    import compare_report
+    rows = [{"method": r["method"], "label": r["label"], "lr": r["lr"], "seed": r["seed"], "status": "ok",
+             **fake_log(r["run_dir"])} for r, _ in done]
+    summary = compare_report.summarize(rows, 2)
+    assert summary[0]["best_lr"] == centre * 4 and not summary[0]["edge"]
+
+
+def test_seed_statistics_and_crossing():
+    import compare_report
+    assert "beyond the seed spread" in compare_report.spread_verdict([1.05, 1.06, 1.04])
+    assert compare_report.spread_verdict([1.05, 0.95, 1.01]).startswith("within the seed spread")
+    assert compare_report.spread_verdict([1.02]) == "one seed: spread unknown"
+
+    def rows(method, losses):
+        return [{"method": method, "label": method, "lr": 0.01, "seed": s, "status": "ok", "val_loss": losses[-1],
+                 "val_ppl": math.exp(losses[-1]) * (1 + 0.01 * s), "val_galore_ppl": 1.0, "step_time_s": 1.0,
+                 "tokens_per_s": 1.0, "curve": list(zip((100, 200, 300), losses))} for s in range(3)]
+    summary = compare_report.summarize(rows("full_rank", [5.0, 4.5, 4.0]) + rows("x", [4.9, 4.6, 4.2]), 3)
+    assert summary[1]["ratio"][0] == pytest.approx(math.exp(0.2))
+    assert "after 200 tokens (67% of the budget)" in compare_report.crossing(summary)
+
