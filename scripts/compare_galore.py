@@ -100,7 +100,7 @@ class Preset:
 
 def _cpu_data() -> list:
     """The real C4 sample when this machine has it, else the built-in corpus (a fresh clone elsewhere)."""
-    return [f"data.source=local", f"data.path={C4_SAMPLE}"] if C4_SAMPLE.is_dir() else ["data.source=builtin"]
+    return ["data.source=local", f"data.path={C4_SAMPLE}"] if C4_SAMPLE.is_dir() else ["data.source=builtin"]
 
 
 PRESETS = {
@@ -112,7 +112,7 @@ PRESETS = {
         ["full_rank", "full_rank_ckpt", "galore", "velora_paper", "velora_all", "sr2_all", "velora_all_galore",
          "velora_all_memopts"], tokens=300_000, jobs=2),
     # The reproducible CPU comparison: a 128-wide, 2-layer LLaMA, every method that matters at 3 seeds, lr swept.
-    "cpu": Preset("configs/llama_tiny.json", SMALL_VELORA + [
+    "cpu": Preset("configs/llama_tiny.json", _cpu_data() + SMALL_VELORA + [
         "model.hidden_size=128", "model.intermediate_size=352", "model.num_attention_heads=4",
         "model.num_hidden_layers=2", "model.vocab_size=2048", "data.val_tokens=131072",
         "deepspeed.train_batch_size=16", "deepspeed.train_micro_batch_size_per_gpu=16"],
