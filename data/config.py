@@ -1,13 +1,11 @@
-"""The data section of a run config, and the one error type of the data package."""
+"""The data section of a run config."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-
-class DataError(ValueError):
-    """Bad data input or settings; the message is one line naming the culprit and the fix."""
+from training.errors import DataError, check_choice
 
 
 @dataclass
@@ -28,8 +26,8 @@ class DataConfig:
     epochs: int = 0                  # stop after this many passes over the train split; 0 = stream forever
 
     def __post_init__(self):
-        _choice("data.source", self.source, ("builtin", "c4", "local"))
-        _choice("data.packing", self.packing, ("concat", "galore"))
+        check_choice("data.source", self.source, ("builtin", "c4", "local"), DataError)
+        check_choice("data.packing", self.packing, ("concat", "galore"), DataError)
         if self.source == "local" and not self.path:
             raise DataError("data.path: required when data.source is 'local' (a directory of C4 shards "
                             "or one .json.gz/.jsonl file)")
@@ -48,8 +46,3 @@ class DataConfig:
     def cache_path(self) -> Path:
         """Where the builtin corpus and tokenizers are cached."""
         return Path(self.cache_dir or os.environ.get("VELORA_CACHE") or Path.home() / ".cache" / "velora")
-
-
-def _choice(key, value, allowed):
-    if value not in allowed:
-        raise DataError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")

@@ -1,4 +1,5 @@
-"""Packing token lists into fixed-length (input_ids, labels) rows; labels are -100 where there is no token.
+"""Packing token lists into fixed-length (input_ids, labels) rows; labels are IGNORE (-100, the label
+transformers and our model skip) where there is no token.
 
 `concat` (default): every document is followed by EOS and the documents are joined into one stream
 cut into rows of `seq_len`; no BOS is added (EOS alone separates documents, so every position
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-IGNORE = -100
+IGNORE = -100  # model/ uses the same value (it imports nothing of ours): HF's convention
 
 
 def pack_concat(docs: list[list[int]], seq_len: int, eos_id: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -48,3 +49,9 @@ def pack_galore(docs: list[list[int]], seq_len: int, eos_id: int, pad_id: int) -
         inputs[i, n] = eos_id
         labels[i, :n + 1] = inputs[i, :n + 1]
     return inputs, labels
+
+
+def predicted_tokens(labels) -> int:
+    """Positions a causal LM is trained or evaluated on in `labels` (rows aligned with the inputs): the
+    model shifts, so position t predicts label t+1 and the first label of a row is never predicted."""
+    return int((labels[:, 1:] != IGNORE).sum())

@@ -17,7 +17,8 @@ from collections import Counter
 from pathlib import Path
 
 from data.builtin import builtin_corpus_dir
-from data.config import DataConfig, DataError
+from data.config import DataConfig
+from training.errors import DataError
 
 ALTERNATIVES = ("set data.source=local with data.path=<a directory of c4-train.*.json.gz / "
                 "c4-validation.*.json.gz shards>, or data.source=builtin")

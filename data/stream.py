@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.config import DataConfig, DataError
+from data.config import DataConfig
+from training.errors import DataError
 from data.packing import IGNORE, pack_concat, pack_galore
 from data.sources import check_bad_fraction, parse_record, split_shards
 

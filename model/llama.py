@@ -12,6 +12,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import LlamaConfig
 
+IGNORE_INDEX = -100  # the label the loss skips: transformers' convention (data/packing.py IGNORE)
+
 
 class _RMSNormFn(torch.autograd.Function):
     """weight * normalize(x), keeping only x and 1/rms for backward.
@@ -172,7 +174,7 @@ class LlamaModel(nn.Module):
 
 
 def _chunk_loss_sum(lm_head: nn.Linear, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(lm_head(h).float(), labels, ignore_index=-100, reduction="sum")
+    return F.cross_entropy(lm_head(h).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 class LlamaForCausalLM(nn.Module):
@@ -205,8 +207,8 @@ class LlamaForCausalLM(nn.Module):
         # Labels are aligned with the inputs; position t predicts token t+1 (HF's convention).
         # Shift the labels rather than h: slicing h would copy the whole hidden state.
         h = h.reshape(-1, h.shape[-1])
-        labels = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
-        n_tokens = (labels != -100).sum().clamp(min=1)
+        labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+        n_tokens = (labels != IGNORE_INDEX).sum().clamp(min=1)
         chunk = self.config.loss_chunk_size
         if not chunk or not torch.is_grad_enabled():
             return _chunk_loss_sum(self.lm_head, h, labels) / n_tokens

@@ -41,7 +41,9 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import torch  # noqa: E402
 
-from training.config import ConfigError, load_config, resolve_batch  # noqa: E402
+from training import cli  # noqa: E402
+from training.config import load_config, resolve_batch  # noqa: E402
+from training.errors import ConfigError  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 C4_SAMPLE = SHARED / "c4-sample" / "en"
@@ -341,7 +343,7 @@ def measure(run, measure_batch: int) -> dict:
     """Exact tensor bytes for one method: saved for backward per micro-batch (velora.memory, measured
     at `measure_batch` sequences and scaled), parameters, gradients, optimizer state after one step."""
     from training.optim import build_optimizer
-    from training.trainer import build_model, seed_everything
+    from training.build import build_model, seed_everything
     from velora.memory import measure_step
 
     cfg = load_config(run["config"], run["sets"])
@@ -389,24 +391,20 @@ def read_log(run_dir: Path) -> dict:
     return out
 
 
-def main(argv=None) -> int:
+def compare(argv) -> int:
     args = parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        plan = Plan(args)
-        plan.out.mkdir(parents=True, exist_ok=True)
-        facts = plan.facts()
-        print(f"compare_galore: {len(plan.methods)} method(s) x {len(plan.seeds)} seed(s)"
-              f"{' x swept lrs' if plan.lr_sweep else ''}, {plan.steps} steps ({facts['tokens']:,} tokens) per run, "
-              f"config {plan.config}, output {plan.out}", flush=True)
-        jobs = max(1, args.jobs or plan.preset.jobs)
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        facts.update(jobs=jobs, threads=threads)
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            results = sweep(plan, pool, threads)
-    except (ConfigError, ValueError, OSError) as e:
-        print(f"compare_galore: error: {e}", file=sys.stderr)
-        return 2
+    args.argv = list(argv)
+    plan = Plan(args)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    facts = plan.facts()
+    print(f"compare_galore: {len(plan.methods)} method(s) x {len(plan.seeds)} seed(s)"
+          f"{' x swept lrs' if plan.lr_sweep else ''}, {plan.steps} steps ({facts['tokens']:,} tokens) per run, "
+          f"config {plan.config}, output {plan.out}", flush=True)
+    jobs = max(1, args.jobs or plan.preset.jobs)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    facts.update(jobs=jobs, threads=threads)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        results = sweep(plan, pool, threads)
     rows, measured = [], {}
     for run, rec in sorted(results, key=lambda x: (plan.methods.index(x[0]["method"]), x[0]["lr"], x[0]["seed"])):
         status = "ok" if rec["returncode"] == 0 else "diverged" if rec.get("diverged") else "failed"
@@ -428,6 +426,10 @@ def main(argv=None) -> int:
     print(f"compare_galore: wrote {plan.out / 'results.csv'}, {plan.out / 'results.md'}, {plan.out / 'plot.png'}"
           + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
     return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    return cli.run(compare, "compare_galore", argv)
 
 
 if __name__ == "__main__":

@@ -87,11 +87,9 @@ def deepspeed_checkpoints(run_config: Path, tokenizer: Path, root: Path, stages=
 
 def _make_ds(run_config, tokenizer, root, stages):
     import shutil
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from training.distributed import free_port
+    port = free_port()
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import deepspeed
 
@@ -111,7 +109,7 @@ def _make_ds(run_config, tokenizer, root, stages):
         engine.step()
         engine.save_checkpoint(str(run / "checkpoints"), tag="step_1")
         cfg.save(run / "checkpoints" / "step_1" / "run_config.json")
-        cfg.save(run / "config.json")
+        cfg.save(run / "config.json")      # the run directory's legacy name for its run config: still read
         shutil.copyfile(tokenizer, run / "checkpoints" / "step_1" / "tokenizer.model")
         with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=stage == 3):
             torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, run / "ref.pt")

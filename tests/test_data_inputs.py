@@ -8,21 +8,7 @@ import pytest
 
 from data import DataConfig, DataError, TrainBatches, load_tokenizer, validation_batches
 from data.builtin import VALIDATION_EVERY, title_digest
-from test_data_pipeline import NumTokenizer, cfg_for, make_corpus
-
-
-def lines_shard(path, lines: list[bytes]):
-    with gzip.open(path, "wb") as f:
-        f.write(b"".join(line + b"\n" for line in lines))
-
-
-def good(n, start=0):
-    return [json.dumps({"text": f"{10 + i} {11 + i}"}).encode() for i in range(start, start + n)]
-
-
-def read_all(path, **kw):
-    tb = TrainBatches(cfg_for(path, epochs=1, **kw), NumTokenizer(), batch_size=4)
-    return list(tb), tb.stats
+from conftest import NumTokenizer, cfg_for, good, lines_shard, make_corpus, read_all
 
 
 @pytest.mark.parametrize("bad,counter", [

@@ -4,52 +4,15 @@ The corpus is synthetic: document d is the words `d*1000 + j` (j < its length) a
 a word to its number, so every token names its document and position.
 """
 import json
-import random
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
-from data import DataConfig, TrainBatches, validation_batches
-from data.builtin import write_shard
+from conftest import EOS, NumTokenizer, cfg_for, make_corpus
+from data import TrainBatches, validation_batches
 from data.packing import IGNORE, pack_concat, pack_galore
-
-EOS = 2
-
-
-class NumTokenizer:
-    """Word n -> token n; BOS/EOS 1/2, no pad (the builtin tokenizer's convention)."""
-    vocab_size, bos_id, eos_id, pad_id, model_path = 10**7, 1, EOS, None, ""
-
-    def encode_batch(self, texts):
-        return [[int(w) for w in t.split()] for t in texts]
-
-
-def doc_tokens(d, n):
-    return [d * 1000 + 10 + j for j in range(n)]
-
-
-def make_corpus(root, shard_sizes, val_docs=40, seed=0):
-    """C4-format shards in `root`; returns {document tokens as a tuple} of the train split."""
-    rng, d, train = random.Random(seed), 0, set()
-    for i, size in enumerate(shard_sizes):
-        docs = []
-        for _ in range(size):
-            toks = doc_tokens(d, rng.randint(1, 40))
-            docs.append({"text": " ".join(map(str, toks))})
-            train.add(tuple(toks))
-            d += 1
-        write_shard(root / f"c4-train.{i:05d}-of-{len(shard_sizes):05d}.json.gz", docs)
-    val = [{"text": " ".join(map(str, doc_tokens(d + k, rng.randint(1, 40))))} for k in range(val_docs)]
-    write_shard(root / "c4-validation.00000-of-00001.json.gz", val)
-    return train
-
-
-def cfg_for(root, **kw):
-    return DataConfig(**{"source": "local", "path": str(root), "seq_len": 16, "shuffle_buffer": 5,
-                         "val_tokens": 100, **kw})
-
 
 def rows_of(batches):
     return [tuple(r) for x, _ in batches for r in x.tolist()]

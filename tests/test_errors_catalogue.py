@@ -10,10 +10,8 @@ import sys
 import pytest
 
 from data import DataError
-from test_data_inputs import good, lines_shard, read_all
-from test_train_c4 import REPO, TINY, assert_one_line_error, env
+from conftest import REPO, TINY, assert_one_line_error, env, good, lines_shard, read_all
 from training.config import ConfigError, load_config, resolve_batch
-from training.trainer import check_model_data
 
 CATALOGUE = REPO / "docs" / "ERRORS.md"
 CONFIG = "configs/llama_tiny.json"
@@ -102,7 +100,7 @@ def test_velora_init_unknown():
 
 def test_cli_seq_len_exceeds_max_sequence_length(tmp_path):
     with pytest.raises(ConfigError, match=r"^data.seq_len=128 exceeds model.max_sequence_length=64; "):
-        check_model_data(load_config(CONFIG, [*TINY, "data.seq_len=128"]))
+        load_config(CONFIG, [*TINY, "data.seq_len=128"])
     out = tmp_path / "run"
     assert_one_line_error(cli(out, "data.seq_len=128"), "data.seq_len=128 exceeds model.max_sequence_length=64")
     assert not out.exists()

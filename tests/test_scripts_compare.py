@@ -4,15 +4,12 @@ seed statistics and the curve-crossing check on synthetic results."""
 import csv
 import math
 import subprocess
-import sys
 
 import pytest
 
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "scripts"))
-
-import compare_galore  # noqa: E402
+import compare_galore
 
 # a 2-step budget on a 32-wide model (the quick preset's data and methods)
 SMALL = ["--quick", "--tokens", "512", "--evals", "1", "--jobs", "2", "--measure-batch", "2",

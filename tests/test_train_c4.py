@@ -8,49 +8,11 @@ stream over ranks x workers readers, so its micro-batches alternate between the 
 that the two ranks of a two-process run (no workers) read, and both runs see the same global batches.
 """
 import json
-import os
-import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.hidden_size=64", "model.intermediate_size=172", "model.num_hidden_layers=2",
-        "model.num_attention_heads=4", "model.vocab_size=512", "model.max_sequence_length=64",
-        "data.seq_len=64", "data.val_tokens=4096", "deepspeed.train_batch_size=8",
-        "deepspeed.train_micro_batch_size_per_gpu=4", "train.log_every=1", "train.eval_every=10",
-        "train.save_every=10", "train.keep_last=2", "optim.lr=0.003"]
-STEPS = 30
-
-
-def env():
-    # One thread per process: the same arithmetic in every run (bitwise resume) and no
-    # oversubscription of a small machine when two ranks run.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-def train(out: Path, *sets: str, args=(), launcher=(), steps=STEPS, check=True) -> subprocess.CompletedProcess:
-    overrides = [*TINY, f"train.max_steps={steps}", f"train.output_dir={out}", *sets]
-    cmd = [*(launcher or [sys.executable]), "train_c4.py", "--config", "configs/llama_tiny.json",
-           *[a for s in overrides for a in ("--set", s)], *args]
-    p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
-    if check:
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
-
-
-def losses(out: Path) -> dict:
-    records = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
-
+from conftest import STEPS, assert_one_line_error, free_port, losses, train
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
@@ -71,7 +33,7 @@ def test_one_process_run_learns_and_writes_everything(reference):
     assert (out / "checkpoints" / "step_30" / "trainer_state_rank0.json").is_file()
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert {f.name for f in (out / "final").iterdir()} >= {"model.safetensors", "config.json", "tokenizer.model"}
-    assert (out / "config.json").is_file() and (out / "tokenizer.model").is_file()
+    assert (out / "run_config.json").is_file() and (out / "tokenizer.model").is_file()
     last_line = p.stdout.strip().splitlines()[-1]
     assert last_line.startswith("final validation: ppl ") and "(token-weighted), galore_ppl " in last_line
 
@@ -96,7 +58,7 @@ def test_two_processes_match_one_process(reference, tmp_path, stage, launcher):
     out = tmp_path / "run"
     launcher = {"deepspeed": [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"],
                 "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]}[launcher]
-    launcher += ["--master_port", free_port()]
+    launcher += ["--master_port", str(free_port())]
     p = train(out, f"deepspeed.zero_optimization.stage={stage}", args=["--stop-at", "3"], launcher=launcher)
     assert "2 process(es)" in p.stdout and "micro 4 x accumulation 1 x 2 ranks" in p.stdout
     got, want = losses(out), losses(ref)
@@ -113,15 +75,6 @@ def test_other_optimizers_run(tmp_path, name):
     assert "final validation: ppl" in p.stdout
     loss = losses(tmp_path / "run")
     assert sorted(loss) == [1, 2, 3, 4] and all(v == v for v in loss.values())
-
-
-def assert_one_line_error(p: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert p.returncode == 2, p.stdout + p.stderr
-    lines = [line for line in p.stderr.splitlines() if not line.startswith("[") or "error" in line]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in p.stderr, p.stderr
-    for f in fragments:
-        assert f in errors[0], errors[0]
 
 
 @pytest.mark.parametrize("sets, fragments", [

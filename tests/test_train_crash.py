@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train_c4 import REPO, TINY, assert_one_line_error, env, free_port, losses
+from conftest import REPO, TINY, assert_one_line_error, env, free_port, losses
 from training.checkpoint import (RUN_CONFIG, find_resume, problem, rank_state_name, read_latest,
                                  save_checkpoint)
 from training.config import load_config
 from training.errors import CheckpointError
-from training.metrics import _truncate_log
+from training.metrics import truncate_log
 
 STEPS = 20
 EVERY = ["train.eval_every=5", "train.save_every=5", "train.keep_last=3"]
@@ -114,7 +114,7 @@ def test_two_processes_sigkill_in_a_checkpoint_write_then_resume(tmp_path):
     """torchrun x 2, ZeRO 2 (partitioned optimizer state, a data position per rank): losses within 1e-6."""
     def run(out, *args, pause=None):
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                    free_port()]
+                    str(free_port())]
         sets = ["--set", "deepspeed.zero_optimization.stage=2"]
         if pause:
             return kill_at(out, pause, *sets, *args, launcher=launcher, ranks=2)
@@ -241,5 +241,5 @@ def test_resumed_log_drops_records_past_the_restored_step_and_a_cut_line(tmp_pat
     log = tmp_path / "train_log.jsonl"
     lines = [json.dumps({"kind": "train", "step": s}) for s in (1, 2, 3, 4)]
     log.write_text("\n".join(lines) + "\n" + '{"kind": "train", "st')  # killed mid-write
-    _truncate_log(log, 2)
+    truncate_log(log, 2)
     assert log.read_text() == lines[0] + "\n" + lines[1] + "\n"

@@ -1,11 +1,12 @@
 """VeLoRA and the other codecs under DeepSpeed: ZeRO-3 (weights partitioned, gathered for the autograd
 function) trains exactly as ZeRO-0, and the codecs' state (v, pca's basis, forward counters) ends the same."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from conftest import free_port
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4)
 CODECS = {"velora": {}, "hybrid": {"codec": "sr2", "codec_overrides": {"q_proj": "pca", "down_proj": "rademacher"}}}
@@ -37,11 +38,6 @@ def _train(_, stage, port, out, codecs):
     deepspeed.comm.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 @pytest.mark.distributed
@@ -51,7 +47,7 @@ def test_zero3_matches_zero0(tmp_path, codecs):
     results = []
     for stage in (0, 3):
         out = tmp_path / f"zero{stage}.pt"
-        mp.spawn(_train, args=(stage, _free_port(), str(out), codecs), nprocs=1, join=True)
+        mp.spawn(_train, args=(stage, free_port(), str(out), codecs), nprocs=1, join=True)
         results.append(torch.load(out, weights_only=True))
     torch.testing.assert_close(results[1]["losses"], results[0]["losses"], rtol=1e-5, atol=1e-5)
     # ZeRO-3 hands each projection a detached alias of its input: q/k/v must still share one encoding

@@ -14,7 +14,7 @@ they are deleted, so a half-deleted directory never looks like a checkpoint. A s
 full, permissions) removes its temporary directory and raises CheckpointError: the run stops with
 the previous checkpoint intact rather than training on without one. On resume, a checkpoint with
 missing files, truncated tensor files or an unreadable state is skipped with a warning (see
-`find_resume`). Tests kill runs inside a save through `crash.pause_point`.
+`find_resume`). Tests kill runs inside a save through the `on_phase` callback (training/crash.py).
 """
 from __future__ import annotations
 
@@ -29,17 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .crash import pause_point
 from .distributed import barrier
 from .errors import CheckpointError
 from .files import atomic_write_text, fsync_dir
+from .layout import CHECKPOINTS, LATEST, RUN_CONFIG, TOKENIZER, rank_state_name
 
 TAG_RE = re.compile(r"^step_(\d+)$")
-RUN_CONFIG = "run_config.json"
-
-
-def rank_state_name(rank: int) -> str:
-    return f"trainer_state_rank{rank}.json"
 
 
 def rng_state() -> dict:
@@ -80,9 +75,15 @@ def clean_stale(ckpt_root: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def _no_phase(name: str, step: int) -> None:
+    pass
+
+
 def save_checkpoint(engine, ckpt_root: Path, step: int, rank_state: dict, *, rank: int, run_config,
-                    tokenizer_path: str | None, keep_last: int) -> Path:
-    """Save step `step` atomically (all ranks call this) and return the final directory."""
+                    tokenizer_path: str | None, keep_last: int, on_phase=_no_phase) -> Path:
+    """Save step `step` atomically (all ranks call this) and return the final directory. `on_phase(name,
+    step)` is called with `checkpoint_write` (files written, not renamed) and `checkpoint_commit` (rank 0:
+    renamed, `latest` not yet updated)."""
     tag = f"step_{step}"
     tmp, final = ckpt_root / f"{tag}.tmp", ckpt_root / tag
     try:
@@ -96,11 +97,11 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, rank_state: dict, *, ran
         if rank == 0:
             run_config.save(tmp / RUN_CONFIG)
             if tokenizer_path:
-                shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+                shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
         barrier()
-        pause_point("checkpoint_write", step)
+        on_phase("checkpoint_write", step)
         if rank == 0:
-            _commit(tmp, final, ckpt_root, step)
+            _commit(tmp, final, ckpt_root, step, on_phase)
             prune(ckpt_root, keep_last)
         barrier()
     # torch.save reports a failed write (e.g. a full disk) as RuntimeError, Python file calls as OSError
@@ -109,14 +110,14 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, rank_state: dict, *, ran
             shutil.rmtree(tmp, ignore_errors=True)
         why = (e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e) else
                type(e).__name__)
-        previous = read_latest(ckpt_root)
+        previous = read_latest(ckpt_root, strict=False)
         raise CheckpointError(f"saving checkpoint {tag} in {ckpt_root} failed ({why}); the previous checkpoint "
                               f"{previous or '(none)'} is intact; free space or fix permissions, then resume "
                               f"with --resume auto") from e
     return final
 
 
-def _commit(tmp: Path, final: Path, ckpt_root: Path, step: int) -> None:
+def _commit(tmp: Path, final: Path, ckpt_root: Path, step: int, on_phase) -> None:
     for f in tmp.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
@@ -128,14 +129,14 @@ def _commit(tmp: Path, final: Path, ckpt_root: Path, step: int) -> None:
         final.rename(final.with_name(final.name + ".trash"))
     tmp.rename(final)
     fsync_dir(ckpt_root)
-    pause_point("checkpoint_commit", step)
-    atomic_write_text(ckpt_root / "latest", final.name)
+    on_phase("checkpoint_commit", step)
+    atomic_write_text(ckpt_root / LATEST, final.name)
     shutil.rmtree(final.with_name(final.name + ".trash"), ignore_errors=True)
 
 
 def prune(ckpt_root: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` checkpoints (never the one `latest` names)."""
-    latest = read_latest(ckpt_root)
+    latest = read_latest(ckpt_root, strict=False)
     for p in step_dirs(ckpt_root)[:-keep_last]:
         if p.name != latest:
             trash = p.with_name(p.name + ".trash")
@@ -143,9 +144,32 @@ def prune(ckpt_root: Path, keep_last: int) -> None:
             shutil.rmtree(trash, ignore_errors=True)
 
 
-def read_latest(ckpt_root: Path) -> str | None:
-    f = ckpt_root / "latest"
-    return f.read_text().strip() if f.is_file() else None
+def read_latest(ckpt_root: Path, strict: bool = True) -> str | None:
+    """The tag `ckpt_root/latest` names, or None without one. The tag must name a directory inside
+    `ckpt_root` (a plain name, no path): anything else raises CheckpointError (or, with strict=False,
+    reads as no tag)."""
+    f = Path(ckpt_root) / LATEST
+    if not f.is_file():
+        return None
+    try:
+        tag = f.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        tag, why = None, f"unreadable ({e})"
+    else:
+        why = None if tag and "/" not in tag and "\\" not in tag and tag not in (".", "..") else \
+            f"holds {tag[:80]!r}, not the name of a checkpoint directory"
+    if why is None and (Path(ckpt_root) / tag).is_dir():
+        return tag
+    if not strict:
+        return None
+    raise CheckpointError(f"{f}: {why or f'names checkpoint {tag!r}, which does not exist in {ckpt_root}'}; pass "
+                          f"one of its step_N directories instead")
+
+
+def broken_archives(tag_dir: Path) -> list[str]:
+    """The `.pt` files of a checkpoint that are not complete zip archives (torch.save writes zips; a
+    truncated one has lost its central directory at the end)."""
+    return [f.name for f in sorted(Path(tag_dir).glob("*.pt")) if not zipfile.is_zipfile(f)]
 
 
 def problem(step_dir: Path, world_size: int) -> str | None:
@@ -167,8 +191,7 @@ def problem(step_dir: Path, world_size: int) -> str | None:
         missing.append("*model_states.pt")
     if missing:
         return f"missing {', '.join(missing)}"
-    # torch.save writes zip archives; a truncated one has lost its central directory at the end
-    broken = [f.name for f in sorted(step_dir.glob("*.pt")) if not zipfile.is_zipfile(f)]
+    broken = broken_archives(step_dir)
     if broken:
         return f"truncated or unreadable {', '.join(broken)}"
     for name in [RUN_CONFIG] + [rank_state_name(r) for r in range(world_size)]:
@@ -188,8 +211,8 @@ def find_resume(resume: str, ckpt_root: Path, world_size: int) -> tuple[Path | N
     notes = []
     if resume != "auto":
         path = Path(resume)
-        for root in (path, path / "checkpoints"):
-            if (root / "latest").is_file():
+        for root in (path, path / CHECKPOINTS):
+            if (root / LATEST).is_file():
                 path = root / read_latest(root)
                 break
         why = problem(path, world_size)
@@ -197,7 +220,11 @@ def find_resume(resume: str, ckpt_root: Path, world_size: int) -> tuple[Path | N
             raise CheckpointError(f"--resume {resume}: {path} is not a usable checkpoint ({why}); "
                                   f"pass a checkpoints/step_N directory or --resume auto")
         return path, notes
-    latest = read_latest(ckpt_root)
+    try:
+        latest = read_latest(ckpt_root)
+    except CheckpointError as e:
+        notes.append(f"warning: ignoring {ckpt_root / LATEST} ({e})")
+        latest = None
     candidates = step_dirs(ckpt_root)[::-1]
     if latest:
         candidates = [ckpt_root / latest] + [p for p in candidates if p.name != latest]

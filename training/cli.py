@@ -1,23 +1,23 @@
-"""What the command-line scripts share: bad input ends in one line and exit code 2, not a traceback."""
+"""The one error path of every command-line entry point: a user error ends in one line and exit code 2."""
 from __future__ import annotations
 
 import sys
 
-from data import DataError
-from training.config import ConfigError
-from training.errors import CheckpointError
+from .errors import UserError
 
-# Errors whose message is written for the user. --debug shows the traceback instead.
-USER_ERRORS = (CheckpointError, ConfigError, DataError, OSError)
+# Errors whose message is written for the user (OSError: a file the user named cannot be read or
+# written). --debug shows the traceback instead.
+USER_ERRORS = (UserError, OSError)
 
 
-def run(main, prog: str, argv: list[str] | None = None) -> int:
-    """Call `main(argv)`; a user error prints `prog: error: message` on stderr and returns 2."""
-    argv = sys.argv[1:] if argv is None else argv
+def run(main, prog: str | None, argv: list[str] | None = None) -> int:
+    """Call `main(argv)`; a user error prints `prog: error: message` (`error: message` without a prog)
+    on stderr and returns 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return main(argv) or 0
     except USER_ERRORS as e:
         if "--debug" in argv:
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog + ': ' if prog else ''}error: {e}", file=sys.stderr)
         return 2

@@ -16,11 +16,8 @@ from data.config import DataConfig
 from model import LlamaConfig
 from velora.config import VeLoRAConfig
 
+from .errors import ConfigError, check_choice
 from .files import atomic_write_text
-
-
-class ConfigError(ValueError):
-    """A bad run config or override; the message is meant to be shown to the user as is."""
 
 
 @dataclass
@@ -42,8 +39,8 @@ class OptimConfig:
     galore_targets: list = field(default_factory=lambda: ["attn", "mlp"])
 
     def __post_init__(self):
-        _choice("optim.name", self.name, ("adamw", "adafactor", "galore_adamw", "galore_adafactor"))
-        _choice("optim.scheduler", self.scheduler, ("cosine", "constant"))
+        check_choice("optim.name", self.name, ("adamw", "adafactor", "galore_adamw", "galore_adafactor"))
+        check_choice("optim.scheduler", self.scheduler, ("cosine", "constant"))
         _positive("optim.lr", self.lr)
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"optim.warmup_ratio: expected a value in [0, 1), got {self.warmup_ratio}")
@@ -83,6 +80,33 @@ class RunConfig:
     deepspeed: dict
     source: str = ""                 # the file it was loaded from (for messages)
 
+    @property
+    def bf16(self) -> bool:
+        """Whether DeepSpeed runs in bf16 (`deepspeed.bf16.enabled`)."""
+        return bool(self.deepspeed.get("bf16", {}).get("enabled"))
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.deepspeed.get("zero_optimization", {}).get("stage", 0))
+
+    def validate(self) -> None:
+        """Checks that span sections: combinations that would only fail deep inside DeepSpeed, the
+        optimizer or the model."""
+        if self.data.seq_len > self.model.max_sequence_length:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_sequence_length="
+                              f"{self.model.max_sequence_length}; lower data.seq_len or raise the model's")
+        ds, name = self.deepspeed, self.optim.name
+        if name.startswith("galore_") and self.zero_stage >= 1:
+            raise ConfigError(f"optim.name={name} cannot run under ZeRO stage {self.zero_stage}: GaLore projects 2-D "
+                              f"gradients and ZeRO >= 1 hands the optimizer flattened ones; use "
+                              f"--set deepspeed.zero_optimization.stage=0")
+        if "optimizer" in ds and name != "adamw":
+            raise ConfigError(f"deepspeed.optimizer is set, so DeepSpeed builds its own optimizer, but optim.name="
+                              f"{name}; remove deepspeed.optimizer or use optim.name=adamw")
+        if "scheduler" in ds:
+            raise ConfigError("deepspeed.scheduler: the LR schedule comes from optim.scheduler "
+                              "(cosine | constant); remove deepspeed.scheduler")
+
     def to_dict(self) -> dict:
         d = {name: dataclasses.asdict(getattr(self, name)) for name in ("model", "velora", "data", "optim", "train")}
         d["deepspeed"] = copy.deepcopy(self.deepspeed)
@@ -95,11 +119,6 @@ class RunConfig:
 
 SECTIONS = {"model": LlamaConfig, "velora": VeLoRAConfig, "data": DataConfig, "optim": OptimConfig,
             "train": TrainConfig, "deepspeed": dict}
-
-
-def _choice(key, value, allowed):
-    if value not in allowed:
-        raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
 
 
 def _positive(key, value):
@@ -224,7 +243,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}; sections: {', '.join(SECTIONS)}")
     raw = apply_overrides(raw, list(overrides))
     built = {name: _build_section(name, cls, raw.get(name, {}), where) for name, cls in SECTIONS.items()}
-    return RunConfig(**built, source=where)
+    cfg = RunConfig(**built, source=where)
+    cfg.validate()
+    return cfg
 
 
 def resolve_batch(ds: dict, world_size: int) -> tuple[int, int, int, str]:

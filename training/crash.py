@@ -1,5 +1,8 @@
 """Surviving interruptions: SIGTERM/SIGINT become a checkpoint at the next step boundary, and a
 test-only pause hook lets tests kill the process at an exact point instead of relying on timing.
+
+The hook has one caller, `TrainingRun._phase`, which the run (and the step and checkpoint code, through
+the callbacks it hands them) calls at every interruptible point.
 """
 from __future__ import annotations
 

@@ -6,13 +6,15 @@ import math
 import torch
 import torch.distributed as dist
 
+from data.packing import predicted_tokens
+
 from .distributed import all_reduce_sum
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches) -> dict:
     """Evaluate `model` on `batches` (an iterable of `(input_ids, labels)`, labels aligned with the
-    inputs and -100 where nothing is predicted).
+    inputs and data.packing.IGNORE where nothing is predicted).
 
     Returns a dict:
       - `loss`: mean loss over every predicted token (each batch weighted by its number of predicted
@@ -31,7 +33,7 @@ def evaluate(model: torch.nn.Module, batches) -> dict:
     try:
         for input_ids, labels in batches:
             input_ids, labels = input_ids.to(device), labels.to(device)
-            n = int((labels[:, 1:] != -100).sum())  # the model shifts: position t predicts t+1
+            n = predicted_tokens(labels)
             mean = float(model(input_ids, labels=labels))
             loss_sum += mean * n
             batch_loss_sum += mean
@@ -51,7 +53,7 @@ def evaluate(model: torch.nn.Module, batches) -> dict:
     tokens, n_batches = int(tokens), int(n_batches)
     galore_loss /= world
     if tokens == 0:
-        raise ValueError("evaluate: the validation batches hold no predicted tokens (all labels are -100 "
+        raise ValueError("evaluate: the validation batches hold no predicted tokens (all labels are ignored "
                          "or there are no batches); raise data.val_tokens")
     loss = loss_sum / tokens
     return {"loss": loss, "ppl": _exp(loss), "galore_loss": galore_loss, "galore_ppl": _exp(galore_loss),

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from model import LlamaConfig, LlamaForCausalLM
 from training.errors import CheckpointError
+from training.layout import HF_CONFIG, RUN_CONFIG, TOKENIZER, WEIGHTS
 from velora import strip_state_dict
 
 
@@ -80,11 +81,11 @@ def save_final(model, run_config, tokenizer_path, out_dir, dtype: torch.dtype = 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
     hf = {**run_config.model.to_hf_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}
-    (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
-    run_config.save(tmp / "run_config.json")
+    (tmp / HF_CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
+    shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+    run_config.save(tmp / RUN_CONFIG)
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
         os.replace(out_dir, old)

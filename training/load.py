@@ -16,19 +16,18 @@ import contextlib
 import dataclasses
 import io
 import logging
-import zipfile
 from pathlib import Path
 
 import torch
 
 from model import LlamaForCausalLM
-from training.config import ConfigError, RunConfig, load_config
-from training.errors import CheckpointError
+from training.checkpoint import broken_archives, read_latest
+from training.config import RunConfig, load_config
+from training.errors import CheckpointError, ConfigError
 from training.export import plain_state_dict
+from training.layout import CHECKPOINTS, FINAL, LATEST, RUN_CONFIG, TOKENIZER, WEIGHTS, ZERO0_MODEL_FILE, RunDir
 
 log = logging.getLogger(__name__)
-
-ZERO0_MODEL_FILE = "mp_rank_00_model_states.pt"
 
 
 @dataclasses.dataclass
@@ -51,25 +50,21 @@ def resolve_checkpoint(path) -> CheckpointSource:
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such directory; pass an exported final/ directory, a run "
                               f"output directory, or a DeepSpeed checkpoint directory")
-    if (path / "model.safetensors").is_file():
-        return CheckpointSource("safetensors", path, path / "run_config.json", path / "tokenizer.model")
-    if (path / "final" / "model.safetensors").is_file():
-        return resolve_checkpoint(path / "final")
-    if (path / "checkpoints" / "latest").is_file():
+    if (path / WEIGHTS).is_file():
+        return CheckpointSource("safetensors", path, path / RUN_CONFIG, path / TOKENIZER)
+    if (path / FINAL / WEIGHTS).is_file():
+        return resolve_checkpoint(path / FINAL)
+    if (path / CHECKPOINTS / LATEST).is_file():
         log.warning("note: %s has no final/ export (safetensors); reading the DeepSpeed checkpoint "
                     "named by checkpoints/latest", path)
-        return resolve_checkpoint(path / "checkpoints")
-    if (path / "latest").is_file():
-        tag = (path / "latest").read_text().strip()
-        if not tag or not (path / tag).is_dir():
-            raise CheckpointError(f"{path / 'latest'}: names checkpoint {tag!r}, which does not exist in "
-                                  f"{path}; pass one of its step_N directories instead")
-        return resolve_checkpoint(path / tag)
+        return resolve_checkpoint(path / CHECKPOINTS)
+    if (path / LATEST).is_file():
+        return resolve_checkpoint(path / read_latest(path))
     if list(path.glob("*model_states.pt")):
-        config = path / "run_config.json"
-        if not config.is_file():  # a tag directory inside a run: fall back to the run's config.json
-            config = path.parent.parent / "config.json"
-        return CheckpointSource("deepspeed", path, config, path / "tokenizer.model")
+        config = path / RUN_CONFIG
+        if not config.is_file():  # a tag directory inside a run: fall back to the run's own config
+            config = RunDir(path.parent.parent).saved_run_config()
+        return CheckpointSource("deepspeed", path, config, path / TOKENIZER)
     raise CheckpointError(f"{path}: not a checkpoint (no model.safetensors, final/, checkpoints/latest, "
                           f"latest or *model_states.pt); pass an exported final/, a run output directory "
                           f"or a DeepSpeed checkpoint directory")
@@ -85,12 +80,10 @@ def _read_safetensors(file: Path) -> dict:
 
 
 def _check_archives(tag_dir: Path) -> None:
-    # torch.save writes zip archives; a truncated one has no central directory. Checking first
-    # names the bad file instead of failing somewhere inside DeepSpeed.
-    for f in sorted(tag_dir.glob("*.pt")):
-        if not zipfile.is_zipfile(f):
-            raise CheckpointError(f"{f}: truncated or not a torch checkpoint file; use another checkpoint "
-                                  f"(e.g. an earlier step_N)")
+    # Checking first names the bad file instead of failing somewhere inside DeepSpeed.
+    for name in broken_archives(tag_dir):
+        raise CheckpointError(f"{tag_dir / name}: truncated or not a torch checkpoint file; use another checkpoint "
+                              f"(e.g. an earlier step_N)")
 
 
 class _OpaqueState:
@@ -171,7 +164,7 @@ def load_source(src: CheckpointSource, device="cpu"):
     """`load_model` for a source `resolve_checkpoint` already found (scripts report where it is)."""
     run_config = _read_run_config(src.config_file)
     if src.kind == "safetensors":
-        weights_file = src.dir / "model.safetensors"
+        weights_file = src.dir / WEIGHTS
         state = _read_safetensors(weights_file)
     else:
         weights_file = src.dir

@@ -17,6 +17,8 @@ from tqdm import tqdm
 from data.sources import SKIPPED
 
 from .distributed import all_reduce_sum
+from .files import atomic_write_text
+from .layout import RunDir
 
 # Dense peak TFLOP/s per GPU by device-name substring (first match wins): (bf16, tf32).
 PEAK_TFLOPS = [("H200", 989.0, 494.7), ("H100 PCIe", 756.0, 378.0), ("H100", 989.0, 494.7),
@@ -81,13 +83,13 @@ def _step_of(line: str) -> float:
         return math.inf
 
 
-def _truncate_log(path: Path, last_step: int) -> None:
+def truncate_log(path: Path, last_step: int) -> None:
+    """Drop the records of `path` (a train_log.jsonl) past `last_step`, and a last line cut short by a
+    kill: what a resumed run does before it appends, so the log reads as one run."""
     if not path.is_file():
         return
     keep = [line for line in path.read_text(errors="replace").splitlines() if _step_of(line) <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 class Metrics:
@@ -102,10 +104,10 @@ class Metrics:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        log_path = run_dir / "train_log.jsonl"
-        _truncate_log(log_path, start_step)
-        self.log = open(log_path, "a")
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
+        paths = RunDir(Path(run_dir))
+        truncate_log(paths.train_log, start_step)
+        self.log = open(paths.train_log, "a")
+        self.tb = SummaryWriter(str(paths.tensorboard), purge_step=start_step + 1)
         self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
                         mininterval=1.0, dynamic_ncols=True)
 

@@ -1,4 +1,4 @@
-"""Optimizers for `optim.name`, and the checks that must pass before anything is built.
+"""Optimizers for `optim.name` (the checks that must pass first are RunConfig.validate's).
 
 - `adamw`: torch.optim.AdamW, or DeepSpeed's own when the `deepspeed` section has an "optimizer" key.
 - `adafactor`: torch.optim.Adafactor. Under ZeRO >= 1 DeepSpeed hands it one flattened tensor, so it
@@ -13,29 +13,9 @@ import copy
 
 import torch
 
-from .config import ConfigError, RunConfig
+from .config import RunConfig
+from .errors import ConfigError
 
-GALORE = ("galore_adamw", "galore_adafactor")
-
-
-def zero_stage(ds: dict) -> int:
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
-
-
-def check_optimizer_config(cfg: RunConfig) -> None:
-    """Refuse combinations that would only fail deep inside DeepSpeed or the optimizer."""
-    ds, name = cfg.deepspeed, cfg.optim.name
-    stage = zero_stage(ds)
-    if name in GALORE and stage >= 1:
-        raise ConfigError(f"optim.name={name} cannot run under ZeRO stage {stage}: GaLore projects 2-D gradients "
-                          f"and ZeRO >= 1 hands the optimizer flattened ones; use "
-                          f"--set deepspeed.zero_optimization.stage=0")
-    if "optimizer" in ds and name != "adamw":
-        raise ConfigError(f"deepspeed.optimizer is set, so DeepSpeed builds its own optimizer, but optim.name={name}; "
-                          f"remove deepspeed.optimizer or use optim.name=adamw")
-    if "scheduler" in ds:
-        raise ConfigError("deepspeed.scheduler: the LR schedule comes from optim.scheduler "
-                          "(cosine | constant); remove deepspeed.scheduler")
 
 
 def galore_param_groups(model: torch.nn.Module, optim_cfg) -> list[dict]:
@@ -69,7 +49,7 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> tuple[torch.optim
                                 weight_decay=o.weight_decay)
     elif o.name == "adafactor":
         opt = torch.optim.Adafactor(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        if zero_stage(ds) >= 1:
+        if cfg.zero_stage >= 1:
             ds["zero_allow_untested_optimizer"] = True
             notes.append("warning: adafactor under ZeRO >= 1 sees flattened parameters and stops factoring its "
                          "second moment (its memory advantage needs ZeRO stage 0)")

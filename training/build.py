@@ -1,0 +1,42 @@
+"""What a run is made of: seeded initial weights, the model with VeLoRA applied, and the DeepSpeed engine."""
+from __future__ import annotations
+
+import random
+from functools import partial
+
+import numpy as np
+import torch
+
+from model import LlamaForCausalLM
+
+from .config import RunConfig
+from .optim import build_optimizer
+from .schedule import build_scheduler
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: identical initial weights everywhere (DeepSpeed also broadcasts them)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: RunConfig):
+    """The LLaMA model with VeLoRA applied when enabled; returns (model, VeLoRA summary or None)."""
+    model = LlamaForCausalLM(cfg.model)
+    if not cfg.velora.enabled:
+        return model, None
+    from velora import apply_velora
+
+    return apply_velora(model, cfg.velora)
+
+
+def build_engine(model: torch.nn.Module, cfg: RunConfig):
+    """deepspeed.initialize with our optimizer (or DeepSpeed's) and LR schedule; returns (engine, notes)."""
+    import deepspeed
+
+    optimizer, ds, notes = build_optimizer(model, cfg)
+    scheduler = partial(build_scheduler, optim_cfg=cfg.optim, max_steps=cfg.train.max_steps)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds,
+                                      model_parameters=model.parameters() if optimizer is None else None)
+    return engine, notes

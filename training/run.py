@@ -1,0 +1,201 @@
+"""A training run as one stateful object: it owns the step, the tokens seen, the data position and the RNG
+(`state_dict()` / `load_state_dict()`, what every checkpoint holds per rank), and runs setup, the loop,
+evaluation, checkpoints and the export."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from data import TrainBatches, load_tokenizer, validation_batches
+
+from .build import build_engine, build_model, seed_everything
+from .checkpoint import (check_compatible, clean_stale, find_resume, load_checkpoint, rng_state, save_checkpoint,
+                         set_rng_state)
+from .config import RunConfig, resolve_batch
+from .crash import GracefulStop, pause_point
+from .distributed import barrier, init_distributed, launcher_env
+from .errors import NonFiniteLoss
+from .evaluate import evaluate
+from .export import save_final
+from .layout import RunDir
+from .metrics import Metrics, data_counts, describe_skips, flops_per_token, peak_flops
+from .outputs import RunDirLock, check_output_dir
+from .step import OptimizerStep
+
+
+class TrainingRun:
+    """`TrainingRun(cfg, resume, stop_at).fit()`: train `cfg` to `train.max_steps` (or `stop_at`), resuming
+    from `resume` (`auto` or a checkpoint path) when given. Construction checks everything that can be
+    checked before a process group starts; `fit()` does the rest and returns the final evaluation (None
+    when the run stopped early)."""
+
+    def __init__(self, cfg: RunConfig, resume: str | None = None, stop_at: int | None = None,
+                 local_rank: int | None = None):
+        self.cfg, self.stop_at, self.local_rank = cfg, stop_at, local_rank
+        self.dir = RunDir(Path(cfg.train.output_dir))
+        check_output_dir(cfg.train.output_dir, resume)
+        world_size = launcher_env(local_rank)[1]
+        self.batch = resolve_batch(cfg.deepspeed, world_size)
+        global_batch, micro, accum, _ = self.batch
+        cfg.deepspeed.update(train_batch_size=global_batch, train_micro_batch_size_per_gpu=micro,
+                             gradient_accumulation_steps=accum)
+        self.resume = resume
+        self.resume_dir, self.notes = (find_resume(resume, self.dir.checkpoints, world_size) if resume
+                                       else (None, []))
+        if self.resume_dir is not None:
+            self.notes += check_compatible(self.resume_dir, cfg)
+        self.step, self.tokens_seen, self.saved_at = 0, 0, 0
+        self.batches = self.engine = self.metrics = self.lock = None
+
+    # --- the state every checkpoint holds (one per rank) ----------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.dist.world_size,
+                "data": self.batches.state_dict(), "rng": rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.batches.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+
+    # --- phases --------------------------------------------------------------------------------
+    def _phase(self, name: str, step: int) -> None:
+        """Every point of the run that tests must be able to interrupt passes here (training/crash.py)."""
+        pause_point(name, step)
+
+    def _say(self, *lines: str) -> None:
+        if self.dist.is_main:
+            for line in lines:
+                print(line, flush=True)
+
+    def _setup_data(self) -> None:
+        cfg, dist, micro = self.cfg, self.dist, self.batch[1]
+        if not dist.is_main:
+            barrier()  # the tokenizer and the built-in corpus are built once, by rank 0 first
+        self.tokenizer = load_tokenizer(cfg.data, cfg.model.vocab_size)
+        self.val_batches = validation_batches(cfg.data, self.tokenizer, cfg.train.eval_batch_size or micro,
+                                              rank=dist.rank, world_size=dist.world_size)
+        if dist.is_main:
+            barrier()
+        self.batches = TrainBatches(cfg.data, self.tokenizer, micro, rank=dist.rank, world_size=dist.world_size)
+
+    def _setup_model(self) -> None:
+        model, summary = build_model(self.cfg)
+        self.velora_summary = summary
+        self._say(self._describe(model), *([str(summary)] if summary is not None else []))
+        self.engine, notes = build_engine(model, self.cfg)
+        self._say(*notes, *self.notes)
+        if self.resume_dir is not None:
+            self.load_state_dict(load_checkpoint(self.engine, self.resume_dir, self.dist.rank))
+            self.saved_at = self.step
+            self._say(f"resumed from {self.resume_dir} at step {self.step} ({self.tokens_seen} tokens seen)")
+
+    def _setup_outputs(self) -> None:
+        if self.dist.is_main:
+            clean_stale(self.dir.checkpoints)
+            self.cfg.save(self.dir.run_config)
+            shutil.copyfile(self.tokenizer.model_path, self.dir.tokenizer)
+        barrier()
+        cfg, dist = self.cfg, self.dist
+        n_no_embed = sum(p.numel() for n, p in self.engine.module.named_parameters() if "embed_tokens" not in n)
+        peak, mfu_label = peak_flops(dist.device, cfg.bf16)
+        self._say(mfu_label)
+        self.metrics = Metrics(self.dir.root, is_main=dist.is_main, max_steps=cfg.train.max_steps,
+                               start_step=self.step, log_every=cfg.train.log_every, device=dist.device,
+                               world_size=dist.world_size, flops_per_token=flops_per_token(cfg.model, n_no_embed),
+                               peak=peak)
+
+    def _describe(self, model) -> str:
+        cfg, dist, (g, m, a, note) = self.cfg, self.dist, self.batch
+        n = sum(p.numel() for p in model.parameters())
+        return (f"model: {n / 1e6:.2f}M parameters, {cfg.model.num_hidden_layers} layers, hidden "
+                f"{cfg.model.hidden_size} | {dist.world_size} process(es) on {dist.device.type} ({dist.backend}) | "
+                f"ZeRO {cfg.zero_stage}, {'bf16' if cfg.bf16 else 'fp32'} | global batch {g} = micro {m} x "
+                f"accumulation {a} x {dist.world_size} ranks" + (f" ({note})" if note else "")
+                + f" | pid {os.getpid()}")
+
+    def save(self) -> None:
+        path = save_checkpoint(self.engine, self.dir.checkpoints, self.step, self.state_dict(), rank=self.dist.rank,
+                               run_config=self.cfg, tokenizer_path=self.tokenizer.model_path,
+                               keep_last=self.cfg.train.keep_last, on_phase=self._phase)
+        self.saved_at = self.step
+        self.metrics.print(f"saved checkpoint {path}")
+
+    # --- the loop ------------------------------------------------------------------------------
+    def _train_step(self, step_fn: OptimizerStep) -> None:
+        from velora import stored_bytes
+
+        t0 = time.perf_counter()
+        try:
+            loss, step_tokens, grad_norm, lr = step_fn(self.step + 1)
+        except NonFiniteLoss as e:
+            raise NonFiniteLoss(f"{e}; last good checkpoint: {f'step_{self.saved_at}' if self.saved_at else 'none'} "
+                                f"(lower optim.lr or set deepspeed.gradient_clipping, then --resume auto)") from None
+        self.step += 1
+        self.tokens_seen += step_tokens
+        self.metrics.train_step(self.step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_seen=self.tokens_seen,
+                                step_tokens=step_tokens, step_time=time.perf_counter() - t0,
+                                velora_bytes=stored_bytes(self.engine.module) if self.velora_summary else None)
+
+    def _evaluate(self) -> dict:
+        result = evaluate(self.engine.module, self.val_batches)
+        self._phase("eval", self.step)
+        self.metrics.evaluation(self.step, result)
+        self.metrics.data(self.step, data_counts(self.batches.stats, self.dist.device))
+        return result
+
+    def fit(self) -> dict | None:
+        """Train to the end (or `stop_at`, or a signal); export `final/` and return the final evaluation."""
+        self.dist = init_distributed(self.local_rank)
+        if self.dist.is_main:
+            self.lock = RunDirLock(self.dir.root).acquire()
+        try:
+            if self.dist.is_main:  # again, now that no other process can write here
+                check_output_dir(self.cfg.train.output_dir, self.resume)
+            seed_everything(self.cfg.train.seed)
+            self._setup_data()
+            self._setup_model()
+            self._setup_outputs()
+            result = self._loop()
+            if result is not False:
+                return self._finish(result)
+            return None
+        finally:
+            if self.lock is not None:
+                self.lock.release(cleanup=True)
+
+    def _loop(self):
+        """Returns the last evaluation (None when none ran), or False when the run stopped early."""
+        cfg, result = self.cfg, None
+        stop = GracefulStop()  # from here on SIGTERM/SIGINT mean: save at the next step boundary, exit 0
+        step_fn = OptimizerStep(self.engine, iter(self.batches), self.batch[2], self.dist, stop, self._phase)
+        try:
+            while self.step < cfg.train.max_steps:
+                self._train_step(step_fn)
+                last = self.step == cfg.train.max_steps
+                if self.step % cfg.train.eval_every == 0 or last:
+                    result = self._evaluate()
+                stopping = self.step == self.stop_at or step_fn.stop_requested
+                if self.step % cfg.train.save_every == 0 or last or stopping:
+                    self.save()
+                if stopping and not last:
+                    why = "--stop-at" if self.step == self.stop_at else stop.signal or "a signal on another rank"
+                    self.metrics.print(f"stopped after step {self.step} ({why}); checkpoint step_{self.step} saved; "
+                                       f"continue with --resume auto")
+                    return False
+        finally:
+            stop.restore()
+            self.metrics.close()
+        return result
+
+    def _finish(self, result: dict | None) -> dict:
+        if result is None:  # resumed a finished run: evaluate what the checkpoint holds
+            result = evaluate(self.engine.module, self.val_batches)
+        final = save_final(self.engine.module, self.cfg, self.tokenizer.model_path, self.dir.final)
+        self._say(f"exported {final} (last checkpoint: step {self.saved_at})",
+                  describe_skips(data_counts(self.batches.stats, self.dist.device)),
+                  f"final validation: ppl {result['ppl']:.2f} (token-weighted), galore_ppl {result['galore_ppl']:.2f}, "
+                  f"{result['tokens']} tokens")
+        return result
+
