@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,13 @@ class LlamaConfig:
             raise ValueError("model: head dimension must be even for rotary embeddings")
         if self.loss_chunk_size < 0:
             raise ValueError(f"model.loss_chunk_size: must be >= 0, got {self.loss_chunk_size}")
+        # Values that make every forward NaN: refused here rather than reported as a diverged loss.
+        for name, ok, what in (("initializer_range", self.initializer_range > 0, "positive"),
+                               ("rope_theta", self.rope_theta > 0, "positive"),
+                               ("rms_norm_eps", self.rms_norm_eps >= 0, ">= 0")):
+            value = getattr(self, name)
+            if not (ok and math.isfinite(value)):
+                raise ValueError(f"model.{name}: must be {what} and finite, got {value}")
 
     @property
     def head_dim(self) -> int:

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from data import DataError
 from conftest import REPO, TINY, assert_one_line_error, env, good, lines_shard, read_all
+from data import DataError
 from training.config import ConfigError, load_config, resolve_batch
 
 CATALOGUE = REPO / "docs" / "ERRORS.md"
@@ -146,3 +146,49 @@ def test_cli_resume_not_a_checkpoint(tmp_path):
                              f"(missing run_config.json, trainer_state_rank0.json, *model_states.pt); pass a "
                              f"checkpoints/step_N directory or --resume auto")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["optim.lr=NaN"], "optim.lr: must be positive, got nan"),
+    (["optim.lr=-0.1"], "optim.lr: must be positive, got -0.1"),
+    (["optim.betas=[0.9,1.0]"], "optim.betas: expected two numbers in [0, 1), got [0.9, 1.0]"),
+    (["optim.eps=-1"], "optim.eps: expected a value >= 0, got -1.0"),
+    (["optim.weight_decay=-0.1"], "optim.weight_decay: expected a value >= 0, got -0.1"),
+    (["train.seed=-1"], "train.seed: expected a value >= 0, got -1"),
+    (["data.seed=-3"], "data.seed: must be >= 0, got -3"),
+    (["train.eval_batch_size=-1"], "train.eval_batch_size: expected a value >= 0"),
+    (["optim.galore_rank=0"], "optim.galore_rank: must be positive, got 0"),
+    (["optim.galore_update_proj_gap=0"], "optim.galore_update_proj_gap: must be positive, got 0"),
+    (["optim.galore_proj_type=bogus"], "optim.galore_proj_type: expected one of std, reverse_std, right, left, full"),
+    (["model.initializer_range=0"], "model.initializer_range: must be positive and finite, got 0"),
+    (["model.rope_theta=0"], "model.rope_theta: must be positive and finite, got 0"),
+    (["model.rms_norm_eps=-1e-6"], "model.rms_norm_eps: must be >= 0 and finite, got -1e-06"),
+    (["velora.targets=all", "velora.rank=5"], "velora.rank=5 exceeds the sub-token size M=4 of q_proj (width 256)"),
+])
+def test_out_of_range_values(sets, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIG, sets)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cache_dir_that_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ConfigError, match="data.cache_dir: .* is a file, not a directory"):
+        load_config(CONFIG, [f"data.cache_dir={tmp_path / 'f'}"])
+
+
+def test_duplicate_keys_and_encoding(tmp_path):
+    (tmp_path / "dup.json").write_text('{"train": {"max_steps": 3, "max_steps": 4}}')
+    with pytest.raises(ConfigError, match=r"dup.json: key 'max_steps' appears twice in one object; keep one$"):
+        load_config(tmp_path / "dup.json")
+    with pytest.raises(ConfigError, match=r"key 'a' appears twice"):
+        load_config(CONFIG, ['deepspeed.x={"a": 1, "a": 2}'])
+    (tmp_path / "latin1.json").write_bytes('{"train": {"output_dir": "r\xe9sum\xe9"}}'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.json: not UTF-8 text \(byte 27\); save the config as UTF-8 JSON$"):
+        load_config(tmp_path / "latin1.json")
+
+
+def test_builtin_tokenizer_advice():
+    from data import load_tokenizer
+    with pytest.raises(DataError, match=r"cannot train a 100-token BPE model .*; raise model.vocab_size or set"):
+        load_tokenizer(load_config(CONFIG).data, 100)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,13 +42,20 @@ class OptimConfig:
     def __post_init__(self):
         check_choice("optim.name", self.name, ("adamw", "adafactor", "galore_adamw", "galore_adafactor"))
         check_choice("optim.scheduler", self.scheduler, ("cosine", "constant"))
+        check_choice("optim.galore_proj_type", self.galore_proj_type, GALORE_PROJ_TYPES)
         _positive("optim.lr", self.lr)
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"optim.warmup_ratio: expected a value in [0, 1), got {self.warmup_ratio}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"optim.min_lr_ratio: expected a value in [0, 1], got {self.min_lr_ratio}")
-        if len(self.betas) != 2:
-            raise ConfigError(f"optim.betas: expected two numbers, got {self.betas}")
+        _in_range("optim.warmup_ratio", self.warmup_ratio, 0.0, 1.0, "[0, 1)")
+        _in_range("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0 + 1e-12, "[0, 1]")
+        _in_range("optim.weight_decay", self.weight_decay, 0.0, math.inf, ">= 0")
+        _in_range("optim.eps", self.eps, 0.0, math.inf, ">= 0")
+        if len(self.betas) != 2 or not all(_is_number(b) and 0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {self.betas}")
+        _positive("optim.galore_rank", self.galore_rank)
+        _positive("optim.galore_update_proj_gap", self.galore_update_proj_gap)
+        _positive("optim.galore_scale", self.galore_scale)
+        if not self.galore_targets or not all(isinstance(t, str) and t for t in self.galore_targets):
+            raise ConfigError(f"optim.galore_targets: expected a non-empty list of module-name fragments, got "
+                              f"{self.galore_targets!r}")
 
 
 @dataclass
@@ -66,6 +74,8 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("max_steps", "eval_every", "save_every", "log_every", "keep_last"):
             _positive(f"train.{name}", getattr(self, name))
+        _in_range("train.seed", self.seed, 0, math.inf, ">= 0")
+        _in_range("train.eval_batch_size", self.eval_batch_size, 0, math.inf, ">= 0 (0: the micro-batch size)")
         if not self.output_dir:
             raise ConfigError("train.output_dir: must not be empty")
 
@@ -95,6 +105,12 @@ class RunConfig:
         if self.data.seq_len > self.model.max_sequence_length:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_sequence_length="
                               f"{self.model.max_sequence_length}; lower data.seq_len or raise the model's")
+        for target in self.velora.target_list:
+            width = self.model.intermediate_size if target == "down_proj" else self.model.hidden_size
+            m = self.velora.sub_token_for(target, width)
+            if self.velora.codec_for(target) in ("velora", "rademacher", "gaussian") and self.velora.rank > m:
+                raise ConfigError(f"velora.rank={self.velora.rank} exceeds the sub-token size M={m} of {target} "
+                                  f"(width {width}); lower velora.rank or raise velora.sub_token_size")
         ds, name = self.deepspeed, self.optim.name
         if name.startswith("galore_") and self.zero_stage >= 1:
             raise ConfigError(f"optim.name={name} cannot run under ZeRO stage {self.zero_stage}: GaLore projects 2-D "
@@ -121,9 +137,32 @@ SECTIONS = {"model": LlamaConfig, "velora": VeLoRAConfig, "data": DataConfig, "o
             "train": TrainConfig, "deepspeed": dict}
 
 
+GALORE_PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")   # galore_torch's GaLoreProjector
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _positive(key, value):
-    if value <= 0:
+    if not (_is_number(value) and value > 0):
         raise ConfigError(f"{key}: must be positive, got {value}")
+
+
+def _in_range(key, value, lo, hi, what: str):
+    """lo <= value < hi, value a finite number."""
+    if not (_is_number(value) and lo <= value < hi):
+        raise ConfigError(f"{key}: expected a value {what}, got {value}")
+
+
+def _no_duplicates(pairs: list) -> dict:
+    """json object_pairs_hook: a key given twice is an error (json would silently keep the last)."""
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise ConfigError(f"key {k!r} appears twice in one object; keep one")
+        seen[k] = v
+    return seen
 
 
 def _type_ok(value, hint) -> bool:
@@ -189,7 +228,9 @@ def parse_override(text: str):
     if any(not p for p in path):
         raise ConfigError(f"--set {text!r}: empty name in {key!r}; expected section.key=value")
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, object_pairs_hook=_no_duplicates)
+    except ConfigError as e:
+        raise ConfigError(f"--set {text!r}: {e}") from None
     except json.JSONDecodeError:
         if raw.startswith("[") and raw.endswith("]"):
             value = [_scalar(v.strip()) for v in raw[1:-1].split(",") if v.strip()]
@@ -231,9 +272,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"{where}: config file not found (the configs/ directory has the shipped ones)")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not UTF-8 text (byte {e.start}); save the config as UTF-8 JSON") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{where}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot be read ({e.strerror or e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a JSON object with sections {', '.join(SECTIONS)}")
     if "hidden_size" in raw:  # a bare GaLore/HF model config

@@ -1,8 +1,18 @@
-"""VeLoRA and other activation codecs: what the linear layers of a model keep for backward."""
-from .apply import VeLoRASummary, apply_velora, is_codec_state, stored_bytes, strip_state_dict
-from .codecs import Codec, SubTokenBasis
-from .config import CODECS, VeLoRAConfig
-from .layer import VeLoRALinear
+"""VeLoRA and other activation codecs: what the linear layers of a model keep for backward.
 
-__all__ = ["CODECS", "Codec", "SubTokenBasis", "VeLoRAConfig", "VeLoRALinear", "VeLoRASummary", "apply_velora",
-           "is_codec_state", "stored_bytes", "strip_state_dict"]
+`velora.VeLoRAConfig` imports without torch; the layers load on first use of any other name.
+"""
+from .config import CODECS, VeLoRAConfig
+
+__version__ = "0.2.0"     # the project's version (pyproject.toml reads it from here)
+
+_LAZY = {"VeLoRASummary": "apply", "apply_velora": "apply", "is_codec_state": "apply", "stored_bytes": "apply",
+         "strip_state_dict": "apply", "Codec": "codecs", "SubTokenBasis": "codecs", "VeLoRALinear": "layer"}
+__all__ = ["CODECS", "VeLoRAConfig", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
