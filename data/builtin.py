@@ -59,9 +59,18 @@ def _summaries_file() -> Path:
     return path
 
 
+def digest(data: bytes) -> int:
+    """SHA-1 as an integer: fixes a document's split (`split_of`) and the built-in corpus' order."""
+    return int.from_bytes(hashlib.sha1(data).digest(), "big")
+
+
 def title_digest(title: str) -> int:
-    """SHA-1 of the title as an integer: fixes the split (mod 10) and the document order."""
-    return int.from_bytes(hashlib.sha1(title.encode("utf-8")).digest(), "big")
+    return digest(title.encode("utf-8"))
+
+
+def split_of(d: int) -> str:
+    """The split a document with digest `d` belongs to: 1 in VALIDATION_EVERY goes to validation."""
+    return "validation" if d % VALIDATION_EVERY == 0 else "train"
 
 
 def write_shard(path: Path, docs: list[dict]) -> None:
@@ -89,8 +98,8 @@ def builtin_corpus_dir(cache: Path) -> Path:
                 url = "https://en.wikipedia.org/wiki/" + urllib.parse.quote(title.replace(" ", "_"))
                 rows.append((title_digest(title), {"text": text, "timestamp": "", "url": url}))
         rows.sort(key=lambda r: r[0])
-        train = [doc for d, doc in rows if d % VALIDATION_EVERY]
-        val = [doc for d, doc in rows if d % VALIDATION_EVERY == 0]
+        train = [doc for d, doc in rows if split_of(d) == "train"]
+        val = [doc for d, doc in rows if split_of(d) == "validation"]
         tmp = Path(tempfile.mkdtemp(prefix=CORPUS_DIR + ".tmp", dir=cache))
         try:
             for i in range(TRAIN_SHARDS):

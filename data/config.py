@@ -24,6 +24,9 @@ class DataConfig:
     cache_dir: str = ""              # builtin corpus/tokenizer cache; default $VELORA_CACHE or ~/.cache/velora
     max_bad_fraction: float = 0.01   # more malformed lines than this (per shard) is an error
     epochs: int = 0                  # stop after this many passes over the train split; 0 = stream forever
+    # BOS at the start of every document: true | false | auto (true for concat, LLaMA's convention; false
+    # for galore, faithful to GaLore's T5 pipeline, which has none). BOS is never a training target.
+    add_bos: bool | str = "auto"
 
     def __post_init__(self):
         check_choice("data.source", self.source, ("builtin", "c4", "local"), DataError)
@@ -39,8 +42,20 @@ class DataConfig:
         for name in ("num_workers", "epochs"):
             if getattr(self, name) < 0:
                 raise DataError(f"data.{name}: must be >= 0, got {getattr(self, name)}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise DataError(f"data.seed: must be >= 0, got {self.seed}")
+        if self.cache_dir and Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():
+            raise DataError(f"data.cache_dir: {self.cache_dir} is a file, not a directory; point it at a directory "
+                            f"(it is created when missing)")
+        if self.add_bos not in (True, False, "auto"):
+            raise DataError(f"data.add_bos: expected true, false or auto, got {self.add_bos!r}")
         if not 0.0 <= self.max_bad_fraction < 1.0:
             raise DataError(f"data.max_bad_fraction: expected a value in [0, 1), got {self.max_bad_fraction}")
+
+    @property
+    def bos(self) -> bool:
+        """Whether documents start with BOS (`add_bos` resolved)."""
+        return self.packing == "concat" if self.add_bos == "auto" else self.add_bos
 
     @property
     def cache_path(self) -> Path:

@@ -2,8 +2,8 @@
 transformers and our model skip) where there is no token.
 
 `concat` (default): every document is followed by EOS and the documents are joined into one stream
-cut into rows of `seq_len`; no BOS is added (EOS alone separates documents, so every position
-carries a real token and nothing is spent on a BOS after every EOS). The stream of one chunk of
+cut into rows of `seq_len`. With `data.add_bos` (the default for concat, LLaMA's convention) each
+document starts with BOS (data/stream.py adds it; it is an input, never a target). The stream of one chunk of
 documents ends in a partial row, padded and masked, so that chunks pack independently (which is what
 makes sharding and resume exact; see data/stream.py).
 

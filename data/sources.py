@@ -16,7 +16,7 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
-from data.builtin import builtin_corpus_dir
+from data.builtin import builtin_corpus_dir, digest, split_of
 from data.config import DataConfig
 from training.errors import DataError
 
@@ -27,12 +27,20 @@ MALFORMED = ("bad_json", "bad_utf8", "missing_text")
 SKIPPED = MALFORMED + ("empty_docs", "blank_lines", "empty_shards")
 
 
-class LocalShard:
-    """One C4-format file: JSON lines, gzip-compressed when the name ends in .gz."""
+# Files of documents a local source reads (one JSON object per line, gzip-compressed or not).
+DOCUMENT_SUFFIXES = (".json.gz", ".jsonl.gz", ".json", ".jsonl")
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.name = self.path.name
+
+class LocalShard:
+    """One C4-format file: JSON lines, gzip-compressed when the name ends in .gz.
+
+    `split` (for a single file that holds both splits): keep only the lines of that split, decided per
+    document by the SHA-1 of its line (data.builtin.split_of), so the held-out documents are never
+    trained on, whatever the order of the file."""
+
+    def __init__(self, path: Path, split: str | None = None):
+        self.path, self.split = Path(path), split
+        self.name = self.path.name + (f" ({split} split)" if split else "")
         self._count = None
 
     def records(self):
@@ -40,7 +48,10 @@ class LocalShard:
         opener = gzip.open if self.path.suffix == ".gz" else open
         try:
             with opener(self.path, "rb") as f:
-                yield from f
+                if self.split is None:
+                    yield from f
+                else:
+                    yield from (line for line in f if split_of(digest(line.strip())) == self.split)
         except (OSError, EOFError, zlib.error) as e:
             raise DataError(f"{self.path}: unreadable or truncated ({e}); re-download or remove this shard") from None
 
@@ -101,7 +112,7 @@ def check_bad_fraction(stats: Counter, where: str, limit: float) -> None:
 
 
 def _local_dir_shards(directory: Path, split: str) -> list[LocalShard]:
-    files = sorted(p for p in directory.glob(f"c4-{split}.*") if p.name.endswith((".json.gz", ".json", ".jsonl")))
+    files = sorted(p for p in directory.glob(f"c4-{split}.*") if p.name.endswith(DOCUMENT_SUFFIXES))
     if not files:
         raise DataError(f"data.path: no c4-{split}.*.json.gz shards in {directory}; point data.path at a "
                         f"directory of C4 shards or at one .json.gz/.jsonl file, or use data.source=builtin")
@@ -135,7 +146,8 @@ def _hub_shards(split: str) -> list[HubShard]:
 
 
 def split_shards(cfg: DataConfig, split: str) -> list:
-    """The shards of `split` ("train" or "validation"), sorted by name; a single file is both splits."""
+    """The shards of `split` ("train" or "validation"), sorted by name; a single file holds both, split by
+    document (1 in data.builtin.VALIDATION_EVERY held out)."""
     if split not in ("train", "validation"):
         raise ValueError(split)
     if cfg.source == "builtin":
@@ -146,9 +158,9 @@ def split_shards(cfg: DataConfig, split: str) -> list:
     if path.is_dir():
         return _local_dir_shards(path, split)
     if path.is_file():
-        if not path.name.endswith((".json.gz", ".jsonl", ".json", ".jsonl.gz")):
-            raise DataError(f"data.path: {path} is not a .json.gz or .jsonl file of documents; "
+        if not path.name.endswith(DOCUMENT_SUFFIXES):
+            raise DataError(f"data.path: {path} is not a file of documents ({', '.join(DOCUMENT_SUFFIXES)}); "
                             f"point it at one, or at a directory of C4 shards")
-        return [LocalShard(path)]
+        return [LocalShard(path, split)]
     raise DataError(f"data.path: {path} does not exist; point it at a directory of C4 shards "
                     f"(c4-train.*.json.gz) or a .json.gz/.jsonl file, or use data.source=builtin")

@@ -68,7 +68,11 @@ def pack_chunk(cfg: DataConfig, tokenizer, lines: list, shuffle_key: str | None)
         counts["truncated_docs"] += sum(len(d) >= cfg.seq_len for d in ids)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     pack = pack_galore if cfg.packing == "galore" else pack_concat
+    if cfg.bos:
+        ids = [[tokenizer.bos_id] + d for d in ids]
     inputs, labels = pack(ids, cfg.seq_len, tokenizer.eos_id, pad)
+    if cfg.bos:
+        labels[inputs == tokenizer.bos_id] = IGNORE        # BOS starts a document; it is never a target
     counts["tokens"] += int((labels != IGNORE).sum())
     return inputs, labels, counts
 
@@ -207,6 +211,7 @@ class TrainBatches:
     def _fingerprint(self) -> dict:
         c = self.cfg
         return {"source": c.source, "path": c.path, "seq_len": c.seq_len, "packing": c.packing, "seed": c.seed,
+                "bos": c.bos,
                 "shuffle_buffer": c.shuffle_buffer, "vocab_size": self.tokenizer.vocab_size,
                 "world_size": self.world_size, "num_workers": c.num_workers, "batch_size": self.batch_size}
 

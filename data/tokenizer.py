@@ -101,9 +101,12 @@ def _train_builtin(cache: Path, vocab_size: int) -> Path:
                     remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
                     num_threads=2, minloglevel=2)  # fixed: the thread count is recorded in the file
             except RuntimeError as e:
+                why = str(e).splitlines()[0]
+                # sentencepiece: "Vocabulary size is smaller than required_chars. N vs M." or "... too high"
+                fix = "raise model.vocab_size" if "smaller than" in why else "lower model.vocab_size"
                 raise DataError(f"data.tokenizer=builtin: cannot train a {vocab_size}-token BPE model on the "
-                                f"built-in corpus ({str(e).splitlines()[0]}); lower model.vocab_size or set "
-                                f"data.tokenizer to a sentencepiece .model") from None
+                                f"built-in corpus ({why}); {fix} or set data.tokenizer to a sentencepiece "
+                                f".model") from None
             os.replace(prefix + ".model", final)
     return final
 
@@ -131,6 +134,8 @@ def load_tokenizer(cfg: DataConfig, vocab_size: int) -> Tokenizer:
             raise DataError(f"data.tokenizer: {path} does not exist; use builtin, t5-base, or a sentencepiece "
                             f".model path")
         tok = Tokenizer(path)
+    if cfg.bos and tok.bos_id is None:
+        raise DataError(f"data.add_bos: {tok.name} has no BOS token to start documents with; set data.add_bos=false")
     if tok.vocab_size > vocab_size:
         raise DataError(f"data.tokenizer: {tok.name} has {tok.vocab_size} tokens but model.vocab_size is "
                         f"{vocab_size}; raise model.vocab_size or use a smaller tokenizer")

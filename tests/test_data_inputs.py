@@ -79,11 +79,28 @@ def test_bad_config_values_name_the_key():
         DataConfig(source="local")
 
 
-def test_single_jsonl_file_is_both_splits(tmp_path):
-    path = tmp_path / "docs.jsonl"
-    path.write_bytes(b"".join(line + b"\n" for line in good(30)))
+def _docs(cfg, split):
+    from data.sources import parse_record, split_shards
+    from collections import Counter
+    return [parse_record(r, Counter()) for shard in split_shards(cfg, split) for r in shard.records()]
+
+
+@pytest.mark.parametrize("name", ["docs.jsonl", "docs.jsonl.gz", "docs.json.gz"])
+def test_single_file_is_split_by_document_deterministically_and_disjointly(tmp_path, name):
+    lines = good(400)
+    path = tmp_path / name
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(b"".join(line + b"\n" for line in lines))
+    train, val = _docs(cfg_for(path), "train"), _docs(cfg_for(path), "validation")
+    assert not set(train) & set(val) and len(train) + len(val) == 400     # disjoint, nothing lost
+    assert 20 <= len(val) <= 60                                             # about 1 in 10 held out
+    shuffled = tmp_path / ("shuffled_" + name)                              # by document, not by position
+    with opener(shuffled, "wb") as f:
+        f.write(b"".join(line + b"\n" for line in reversed(lines)))
+    assert set(_docs(cfg_for(shuffled), "validation")) == set(val)
     batches, stats = read_all(path)
-    assert stats["docs"] == 30
+    assert stats["docs"] == len(train)
     assert validation_batches(cfg_for(path, val_tokens=20), NumTokenizer(), 2)
 
 

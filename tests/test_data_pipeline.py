@@ -71,7 +71,9 @@ def test_two_ranks_two_workers_partition_the_single_process_stream(tmp_path, sha
     single = rows_of(TrainBatches(cfg_for(tmp_path, epochs=1), tok, batch_size=1))
     parts = [rows_of(TrainBatches(cfg_for(tmp_path, epochs=1, num_workers=2), tok, 1, rank=r, world_size=2))
              for r in range(2)]
-    assert all(parts) and Counter(parts[0]) & Counter(parts[1]) == Counter()
+    # disjoint (a row holding only a document's final EOS and padding may repeat by content alone)
+    informative = [Counter(r for r in p if len(set(r)) > 1) for p in parts]
+    assert all(parts) and informative[0] & informative[1] == Counter()
     assert Counter(parts[0]) + Counter(parts[1]) == Counter(single)
 
 
