@@ -38,11 +38,11 @@ sys.path.insert(0, str(REPO))
 
 from model import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from training.config import OptimConfig, load_config  # noqa: E402
+from training.metrics import PEAK_TFLOPS, flops_per_token, peak_flops  # noqa: E402
 from training.optim import galore_param_groups  # noqa: E402
 from velora import VeLoRAConfig, apply_velora  # noqa: E402
 
 MODELS = ("llama_60m", "llama_130m", "llama_350m")
-DATASHEET_TFLOPS = 989.0  # H100/H200 SXM dense bf16, vendor datasheet
 
 
 @dataclass(frozen=True)
@@ -108,14 +108,6 @@ def load_galore_adamw():
     return AdamW, f"galore_torch.adamw loaded without the package __init__ ({first_error})"
 
 
-def model_flops_per_token(model: torch.nn.Module, cfg: LlamaConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x the matmul parameters (all but the embedding lookup) plus the
-    attention scores and mixing, 12 * layers * width * seq (PaLM's count, causal mask ignored).
-    Activation checkpointing's recomputation is not counted: this is model FLOPs, not hardware."""
-    n = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
-    return 6.0 * n + 12.0 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
-
-
 def is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or (
         isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
@@ -137,6 +129,12 @@ class Bench:
     def __init__(self, device: torch.device, steps: int, warmup: int, case_budget_s: float, galore_cls):
         self.device, self.steps, self.warmup = device, steps, warmup
         self.case_budget_s, self.galore_cls = case_budget_s, galore_cls
+        # training.metrics' dense bf16 peak of this GPU (the run's own MFU uses the same table); a CPU
+        # smoke run is reported against the H200's, a placeholder
+        self.peak, self.peak_label = peak_flops(device, bf16=True)
+        if self.peak is None:
+            self.peak = PEAK_TFLOPS[0][1] * 1e12
+            self.peak_label = f"{PEAK_TFLOPS[0][1]:g} TFLOP/s ({PEAK_TFLOPS[0][0]}'s dense bf16 peak; a CPU smoke run)"
 
     def build(self, setup: Setup, case: Case):
         """Model (+ VeLoRA) and optimizer for one case, on the device, with what VeLoRA replaced."""
@@ -209,13 +207,13 @@ class Bench:
             notes.append(f"only {n} timed steps (case time budget)")
         ms = statistics.median(self.timed_steps(run, n))
         tokens_per_s = batch * setup.seq_len / (ms / 1e3)
-        tflops = model_flops_per_token(model, cfg, setup.seq_len) * tokens_per_s / 1e12
+        tflops = flops_per_token(cfg, setup.seq_len) * tokens_per_s / 1e12
         mem = {}
         if self.device.type == "cuda":
             mem = {"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
                    "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
         return {"status": "ok", "micro_batch": batch, "timed_steps": n, "step_ms": ms,
-                "tokens_per_s": tokens_per_s, "tflops": tflops, "mfu": tflops / DATASHEET_TFLOPS,
+                "tokens_per_s": tokens_per_s, "tflops": tflops, "mfu": tflops * 1e12 / self.peak,
                 **mem, **info, "note": "; ".join(notes)}
 
     def run_case(self, setup: Setup, case: Case) -> dict:
@@ -404,8 +402,7 @@ def main(argv=None) -> int:
             "seq_len": setups[0].seq_len, "warmup": args.warmup,
             "timing": "CUDA events" if device.type == "cuda" else "time.perf_counter",
             "flops": "6 x matmul params + 12 x layers x width x seq per token (model FLOPs)",
-            "peak_tflops": DATASHEET_TFLOPS, "matmul_tflops": matmul,
-            "peak_label": f"{DATASHEET_TFLOPS:.0f} TFLOP/s (H100/H200 SXM dense bf16 datasheet)",
+            "peak_tflops": bench.peak / 1e12, "matmul_tflops": matmul, "peak_label": bench.peak_label,
             "galore": "; ".join(filter(None, [
                 "skipped" if galore_cls is None else "GaLore AdamW, rank/update_proj_gap/scale from each config, "
                 "its SVD (every update_proj_gap steps) falls in the warm-up", galore_note])),

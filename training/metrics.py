@@ -26,11 +26,16 @@ PEAK_TFLOPS = [("H200", 989.0, 494.7), ("H100 PCIe", 756.0, 378.0), ("H100", 989
                ("A10", 125.0, 62.5)]
 
 
-def flops_per_token(model_cfg, n_params_no_embed: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls (N = parameters except the input embedding) plus
-    12 x layers x hidden x seq_len for attention scores and values (PaLM's appendix B)."""
+def flops_per_token(model_cfg, seq_len: int) -> float:
+    """Model training FLOPs per token at sequence length `seq_len` (PaLM's appendix B): 6 x the matmul
+    parameters (attention and MLP projections and the LM head; not the embedding lookup) plus
+    12 x layers x hidden x seq_len for the attention scores and their mixing (the causal mask ignored).
+    Model FLOPs, not hardware FLOPs: recomputation and VeLoRA's cheaper weight gradients are not counted.
+    Equal to torch.utils.flop_counter's count of one forward + backward (tests/test_train_metrics.py)."""
     c = model_cfg
-    return 6.0 * n_params_no_embed + 12.0 * c.num_hidden_layers * c.hidden_size * c.max_sequence_length
+    d, layers = c.hidden_size, c.num_hidden_layers
+    matmul = layers * (4 * d * d + 3 * d * c.intermediate_size) + d * c.vocab_size
+    return 6.0 * matmul + 12.0 * layers * d * seq_len
 
 
 def peak_flops(device: torch.device, bf16: bool) -> tuple[float | None, str]:
@@ -108,8 +113,14 @@ class Metrics:
         truncate_log(paths.train_log, start_step)
         self.log = open(paths.train_log, "a")
         self.tb = SummaryWriter(str(paths.tensorboard), purge_step=start_step + 1)
+        # A bar only on a terminal: in a file (nohup, SLURM) its redraws are noise; the logged lines remain.
         self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
-                        mininterval=1.0, dynamic_ncols=True)
+                        mininterval=1.0, dynamic_ncols=True, disable=not sys.stderr.isatty())
+
+    def run_config(self, config: dict) -> None:
+        """The resolved run config as TensorBoard text, so a run can be identified from its events alone."""
+        if self.is_main:
+            self.tb.add_text("run_config", "```json\n" + json.dumps(config, indent=2) + "\n```", 0)
 
     def print(self, msg: str) -> None:
         """Print a line on rank 0 without breaking the progress bar."""
