@@ -31,14 +31,20 @@ def ids(vocab=128):
 def test_export_layout_is_a_plain_llama(setup):
     final = setup["final"]
     assert sorted(p.name for p in final.parent.iterdir()) == ["final"]  # no temporary directory left
-    assert sorted(p.name for p in final.iterdir()) == ["config.json", "model.safetensors", "run_config.json",
-                                                       "tokenizer.model"]
+    assert sorted(p.name for p in final.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                       "run_config.json", "tokenizer.json", "tokenizer.model",
+                                                       "tokenizer_config.json"]
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in final.iterdir())      # group and others can read
     from safetensors.torch import load_file
     tensors = load_file(final / "model.safetensors")
     assert any(".codec." in k for k in setup["model"].state_dict())  # VeLoRA buffers exist...
     assert set(tensors) == set(LlamaForCausalLM(setup["rc"].model).state_dict())  # ...and are not exported
     assert all(t.dtype == torch.float32 for t in tensors.values())
-    assert json.loads((final / "config.json").read_text()) == setup["rc"].model.to_hf_dict()
+    special = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}      # the tokenizer's; EOS pads
+    assert json.loads((final / "config.json").read_text()) == {**setup["rc"].model.to_hf_dict(), **special}
+    with open(final / "model.safetensors", "rb") as f:                          # the header's metadata
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
+    assert header["project"] == "velora-pretrain" and len(header["run_config_sha256"]) == 64
     assert (final / "tokenizer.model").read_bytes() == setup["tok"].read_bytes()
 
 
@@ -50,13 +56,29 @@ def test_transformers_loads_export_with_our_logits(setup):
         torch.testing.assert_close(hf.eval()(ids()).logits, setup["model"].eval()(ids()), atol=1e-5, rtol=0)
 
 
-def test_reexport_replaces_atomically(setup, tmp_path):
+def test_reexport_replaces_an_export_atomically_and_nothing_else(setup, tmp_path):
     out = tmp_path / "final"
     save_final(setup["model"], setup["rc"], setup["tok"], out)
-    (out / "stale.txt").write_text("old")
-    save_final(setup["model"].state_dict(), setup["rc"], setup["tok"], out, dtype=torch.bfloat16)
-    assert not (out / "stale.txt").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    with pytest.raises(CheckpointError, match="holds an export; pass --overwrite"):
+        save_final(setup["model"], setup["rc"], setup["tok"], out)
+    save_final(setup["model"].state_dict(), setup["rc"], setup["tok"], out, dtype=torch.bfloat16, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    (out / "notes.txt").write_text("mine")          # no longer only an export: never replaced
+    with pytest.raises(CheckpointError, match="is not an export written by this project"):
+        save_final(setup["model"], setup["rc"], setup["tok"], out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_failed_export_leaves_nothing_behind(setup, tmp_path, monkeypatch):
+    import training.export as export
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(export, "save_file", full_disk)
+    with pytest.raises(CheckpointError, match=r"writing the export .*final failed \(No space left on device\)"):
+        save_final(setup["model"], setup["rc"], setup["tok"], tmp_path / "final")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_load_final_and_run_dir(setup):
@@ -194,3 +216,34 @@ def test_latest_names_a_missing_tag(ds_runs, tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_model(run)
     one_line(e, run / "checkpoints" / "latest", "step_9")
+
+
+def test_transformers_clients_use_the_export_as_is(setup, tmp_path):
+    """AutoTokenizer + AutoModelForCausalLM, no conversion step: the perplexity of a held-out document equals
+    scripts/eval_ppl.py's evaluation (to 1e-4), a padded batch of two prompts works, generate runs."""
+    transformers = pytest.importorskip("transformers")
+    from data import validation_batches
+    from data.builtin import write_shard
+    from training.evaluate import evaluate
+    final = setup["final"]
+    text = "the river city stone green light paper north small large"
+    tok = transformers.AutoTokenizer.from_pretrained(final)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(final).eval()
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    assert ids[0, 0] == tok.bos_token_id                                # training put BOS before documents
+    ids = torch.cat([ids, torch.tensor([[tok.eos_token_id]])], 1)      # ... and EOS after them
+    with torch.no_grad():
+        hf_loss = float(hf(ids, labels=ids).loss)
+    data = tmp_path / "c4"
+    data.mkdir()
+    write_shard(data / "c4-validation.00000-of-00001.json.gz", [{"text": text}])
+    model, rc, our_tok = load_model(final)
+    import dataclasses
+    cfg = dataclasses.replace(rc.data, source="local", path=str(data))
+    ours = evaluate(model, validation_batches(cfg, our_tok, 1))["loss"]
+    assert abs(hf_loss - ours) < 1e-4
+    batch = tok(["the river", "a small large north city"], return_tensors="pt", padding=True)
+    assert batch["attention_mask"].sum(1).tolist() != [batch["input_ids"].shape[1]] * 2   # really padded
+    out = hf.generate(**batch, max_new_tokens=5, do_sample=False)
+    assert out.shape == (2, batch["input_ids"].shape[1] + 5)
+

@@ -1,12 +1,15 @@
-"""Export a trained model as a plain LLaMA that `transformers` loads: safetensors + HF config + tokenizer.
+"""Export a trained model as a plain LLaMA that `transformers` and lm-evaluation-harness load as is.
 
 `final/` holds `model.safetensors` (plain LLaMA names, VeLoRA buffers left out: VeLoRA changes what
-backward stores, never the function, so the exported model is an ordinary LLaMA), `config.json`
-(a transformers LlamaConfig dict), `tokenizer.model` and `run_config.json` (the resolved run config,
-so `training.load.load_model` can rebuild the model exactly).
+backward stores, never the function, so the exported model is an ordinary LLaMA; the header's metadata
+names the step, tokens seen, the run config's digest and the project version), the Hugging Face files
+(training/hf_files.py: config.json, generation_config.json, tokenizer.json, tokenizer_config.json),
+`tokenizer.model` and `run_config.json` (the resolved run config, so `training.load.load_model`
+rebuilds the model exactly). Files are readable by all (the umask permitting).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,6 +22,8 @@ from safetensors.torch import save_file
 
 from model import LlamaConfig, LlamaForCausalLM
 from training.errors import CheckpointError
+from training.files import fsync_dir
+from training.hf_files import GENERATION_CONFIG, HF_TOKENIZER_FILES, write_hf_files
 from training.layout import HF_CONFIG, RUN_CONFIG, TOKENIZER, WEIGHTS
 from velora import strip_state_dict
 
@@ -63,34 +68,80 @@ def _gathered_state_dict(model: torch.nn.Module) -> dict:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def save_final(model, run_config, tokenizer_path, out_dir, dtype: torch.dtype = torch.float32) -> Path:
+EXPORT_FILES = (WEIGHTS, HF_CONFIG, TOKENIZER, RUN_CONFIG, GENERATION_CONFIG, *HF_TOKENIZER_FILES)
+
+
+def is_export(path: Path) -> bool:
+    """Whether `path` is a directory written by `save_final` (it holds nothing else)."""
+    path = Path(path)
+    return path.is_dir() and (path / WEIGHTS).is_file() and {p.name for p in path.iterdir()} <= set(EXPORT_FILES)
+
+
+def check_export_target(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to write over anything but an earlier export, and over that only with `overwrite`."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (overwrite and is_export(out_dir)):
+        raise CheckpointError(f"{out_dir}: already exists and " + (
+            "holds an export; pass --overwrite to replace it, or choose another directory" if is_export(out_dir)
+            else "is not an export written by this project; refusing to replace it, choose another directory"))
+
+
+def save_final(model, run_config, tokenizer_path, out_dir, dtype: torch.dtype = torch.float32,
+               overwrite: bool = False, progress: dict | None = None) -> Path:
     """Write `out_dir` (normally `<output_dir>/final`) atomically: a temporary directory renamed
-    into place, so a crash never leaves a half-written export.
+    into place, so a crash never leaves a half-written export, and a failed write (a full disk) leaves
+    nothing behind.
 
     `model` is the plain module (`engine.module` for a DeepSpeed engine) or a state dict (e.g. the
     fp32 weights consolidated from a checkpoint). Under torch.distributed call it on every rank:
-    ZeRO-3 parameters are gathered collectively, and only rank 0 writes. Returns `out_dir`.
+    ZeRO-3 parameters are gathered collectively, and only rank 0 writes. `progress` (step, tokens seen)
+    goes into the safetensors header with the run config's digest and the project version. An existing `out_dir` is
+    replaced only when it is an export and `overwrite` is set; anything else is refused before any
+    work. Returns `out_dir`.
     """
     out_dir = Path(out_dir)
+    check_export_target(out_dir, overwrite)
     sd = model if isinstance(model, Mapping) else _gathered_state_dict(model)
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return out_dir
     tensors = plain_state_dict(sd, run_config.model, "model being exported")
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
-
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
-    hf = {**run_config.model.to_hf_dict(), "torch_dtype": str(dtype).removeprefix("torch.")}
-    (tmp / HF_CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
-    shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
-    run_config.save(tmp / RUN_CONFIG)
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
+    try:
+        tmp.mkdir(parents=True)
+        _write_export(tmp, tensors, run_config, tokenizer_path, dtype, progress or {})
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+        fsync_dir(out_dir.parent)
+    except Exception as e:    # OSError from Python, SafetensorError from the Rust writer (e.g. a full disk)
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"writing the export {out_dir} failed ({why}); nothing was left behind; free space "
+                              f"or fix permissions, then export again (scripts/export_hf.py)") from None
     return out_dir
+
+
+def export_metadata(run_config, progress: dict) -> dict:
+    """The safetensors header's metadata (strings only): where the weights come from."""
+    import velora
+    digest = hashlib.sha256(json.dumps(run_config.to_dict(), sort_keys=True).encode()).hexdigest()
+    return {"format": "pt", "project": "velora-pretrain", "project_version": velora.__version__,
+            "run_config_sha256": digest, **{k: str(v) for k, v in progress.items()}}
+
+
+def _write_export(tmp: Path, tensors: dict, run_config, tokenizer_path, dtype: torch.dtype, progress: dict) -> None:
+    save_file(tensors, tmp / WEIGHTS, metadata=export_metadata(run_config, progress))
+    write_hf_files(tmp, run_config.model, Path(tokenizer_path), run_config.data.bos, str(dtype).removeprefix("torch."))
+    run_config.save(tmp / RUN_CONFIG)
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in tmp.iterdir():
+        os.chmod(f, 0o666 & ~umask)        # safetensors writes 0600: colleagues must be able to read
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    fsync_dir(tmp)
