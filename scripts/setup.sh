@@ -14,5 +14,8 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "torch==2.13.0"
   .venv/bin/python -m pip install -q -r "$req"
+  # DeepSpeed JIT-compiles its CPU communication op at its first start: do it here, once, so that no
+  # training run compiles it (a run killed mid-build would leave a lock that blocks every later run).
+  .venv/bin/python -c "from training.distributed import build_comm_op; build_comm_op()" > /dev/null
   touch "$stamp"
 fi

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +49,29 @@ def launcher_env(local_rank_arg: int | None = None) -> tuple[int, int, int]:
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
 
 
+COMM_OP = "deepspeed_shm_comm"   # the op DeepSpeed JIT-compiles at its first start on a CPU machine
+
+
+def build_comm_op() -> None:
+    """Build DeepSpeed's CPU communication op into the torch extensions cache (scripts/setup.sh runs this
+    once, so that no training run compiles it, ~2.5 min on a fresh venv, and none can be killed mid-build)."""
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+
+
+def _warn_if_waiting_on_build_lock(done: threading.Event, after_s: float = 15.0) -> None:
+    """torch's extension loader waits, silently and forever, while a `lock` file exists in the op's build
+    directory; a build killed earlier leaves one behind. Say so, naming the file."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory(COMM_OP, False), "lock")
+    if not done.wait(after_s) and os.path.exists(lock):
+        print(f"warning: still waiting after {after_s:.0f} s for {lock}: another process is building DeepSpeed's "
+              f"{COMM_OP} op, or a build killed earlier left this file; if no other run is starting, delete it",
+              file=sys.stderr, flush=True)
+
+
 def init_distributed(local_rank_arg: int | None = None) -> DistInfo:
     """Start the process group (gloo on CPU, NCCL on CUDA) through DeepSpeed and return who we are."""
     import deepspeed
@@ -57,7 +82,12 @@ def init_distributed(local_rank_arg: int | None = None) -> DistInfo:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    done = threading.Event()
+    threading.Thread(target=_warn_if_waiting_on_build_lock, args=(done,), daemon=True).start()
+    try:
+        deepspeed.init_distributed(dist_backend=backend)
+    finally:
+        done.set()
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
 
 
