@@ -15,8 +15,6 @@ import sys
 
 from training import cli
 from training.config import load_config
-from training.distributed import shutdown
-from training.run import TrainingRun
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,6 +26,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="continue from checkpoints/latest (auto; starts fresh when there is none) or a checkpoint")
     p.add_argument("--stop-at", type=int, metavar="STEP",
                    help="save a checkpoint and exit after this step (for job time limits); continue with --resume auto")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="let DeepSpeed unpickle the --resume checkpoint without checking it first (only for "
+                        "checkpoints whose origin you trust)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for expected errors")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args(argv)
@@ -35,8 +36,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def train(argv) -> None:
     args = parse_args(argv)
+    cfg = load_config(args.config, args.set)   # before torch or DeepSpeed is imported: errors come at once
+    from training.distributed import shutdown
+    from training.run import TrainingRun
     try:
-        TrainingRun(load_config(args.config, args.set), args.resume, args.stop_at, args.local_rank).fit()
+        TrainingRun(cfg, args.resume, args.stop_at, args.local_rank, args.trust_checkpoint).fit()
     finally:
         shutdown()
 

@@ -21,6 +21,7 @@ import json  # noqa: E402
 import torch  # noqa: E402
 
 from data import DataError  # noqa: E402
+from data.sources import DOCUMENT_SUFFIXES  # noqa: E402
 from training import cli  # noqa: E402
 from training.config import resolve_batch  # noqa: E402
 from training.load import load_source, resolve_checkpoint  # noqa: E402
@@ -31,10 +32,10 @@ def data_source(src: str) -> dict:
     if src in ("c4", "builtin"):
         return {"source": src, "path": ""}
     path = Path(src)
-    if path.is_dir() or (path.is_file() and path.name.endswith((".json.gz", ".jsonl", ".json"))):
+    if path.is_dir() or (path.is_file() and path.name.endswith(DOCUMENT_SUFFIXES)):
         return {"source": "local", "path": str(path)}
-    raise DataError(f"--data {src}: expected c4, builtin, a directory of C4 shards or a .json.gz/.jsonl "
-                    f"file, and no such file or directory exists")
+    raise DataError(f"--data {src}: expected c4, builtin, a directory of C4 shards or a file of documents "
+                    f"({', '.join(DOCUMENT_SUFFIXES)}), and no such file or directory exists")
 
 
 def eval_batch_size(run_config) -> int:
@@ -56,6 +57,8 @@ def parse_args(argv):
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the run's data.seq_len)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="read a DeepSpeed checkpoint without checking its pickles first (only for trusted ones)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
@@ -65,17 +68,22 @@ def main(argv) -> int:
     for name in ("max_tokens", "batch_size", "seq_len"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise DataError(f"--{name.replace('_', '-')}: must be positive, got {getattr(args, name)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
     from data import validation_batches
     from training.evaluate import evaluate
 
     # Libraries' notes go to stderr, so stdout holds only our report (one JSON object with --json).
     with contextlib.redirect_stdout(sys.stderr):
         src = resolve_checkpoint(args.checkpoint)
-        model, run_config, tokenizer = load_source(src, device=args.device)
+        model, run_config, tokenizer = load_source(src, device=args.device, trust=args.trust_checkpoint)
         changes = data_source(args.data)
         if args.max_tokens:
             changes["val_tokens"] = args.max_tokens
         if args.seq_len:
+            if args.seq_len > run_config.model.max_sequence_length:
+                raise DataError(f"--seq-len {args.seq_len}: longer than the model's max_sequence_length "
+                                f"({run_config.model.max_sequence_length}); use at most that")
             changes["seq_len"] = args.seq_len
         data_cfg = dataclasses.replace(run_config.data, **changes)
         batch_size = args.batch_size or eval_batch_size(run_config)

@@ -26,10 +26,10 @@ def write_corpus(path: Path, n_docs=120, seed=0) -> Path:
     return path
 
 
-def write_tokenizer(path: Path) -> Path:
+def write_tokenizer(path: Path, seed: int = 1) -> Path:
     """A BPE sentencepiece model with unk/bos/eos = 0/1/2, small enough to train in a second."""
     import sentencepiece as spm
-    rng = random.Random(1)
+    rng = random.Random(seed)
     lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(400)]
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(path.with_suffix("")),
                                    vocab_size=VOCAB - 28, model_type="bpe", minloglevel=2)

@@ -243,3 +243,24 @@ def test_resumed_log_drops_records_past_the_restored_step_and_a_cut_line(tmp_pat
     log.write_text("\n".join(lines) + "\n" + '{"kind": "train", "st')  # killed mid-write
     truncate_log(log, 2)
     assert log.read_text() == lines[0] + "\n" + lines[1] + "\n"
+
+
+@pytest.mark.slow
+def test_a_second_writer_is_refused_while_the_first_runs_and_a_dead_one_holds_nothing(tmp_path):
+    out = tmp_path / "run"
+    marker = out.parent / "paused"
+    first = start(out, pause="step:3")
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert first.poll() is None and time.monotonic() < deadline, "".join(first.communicate())[-3000:]
+        time.sleep(0.05)
+    for args in ([], ["--resume", "auto"]):           # a second run, and a requeued job while the first lives
+        second = start(out, *args)
+        stdout, stderr = second.communicate(timeout=300)
+        p = subprocess.CompletedProcess(second.args, second.returncode, stdout, stderr)
+        assert_one_line_error(p, f"train.output_dir={out} is in use by pid {first.pid} on host ")
+    os.killpg(first.pid, signal.SIGKILL)
+    first.communicate()
+    resumed = start(out, "--resume", "auto")           # the kernel dropped the dead process's lock
+    stdout, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stdout[-3000:] + stderr[-3000:]

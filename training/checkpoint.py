@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -172,6 +173,48 @@ def broken_archives(tag_dir: Path) -> list[str]:
     return [f.name for f in sorted(Path(tag_dir).glob("*.pt")) if not zipfile.is_zipfile(f)]
 
 
+class OpaqueState:
+    """What an allowed non-tensor object of a checkpoint unpickles to when only checking or reading
+    weights: an inert stand-in (nothing of DeepSpeed or galore_torch is imported or run)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+# Every global DeepSpeed 0.19's own checkpoints hold besides tensors and containers (read off real
+# checkpoints of ZeRO 0-3, fp32 and bf16, AdamW, Adafactor and GaLore: tests/test_training_safe_load.py).
+ALLOWED_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                   "deepspeed.runtime.zero.config.ZeroStageEnum",
+                   "deepspeed.utils.tensor_fragment.fragment_address",
+                   "galore_torch.galore_projector.GaLoreProjector")
+
+
+def safe_load(file: Path):
+    """torch.load(weights_only=True) with the allow-list mapped to inert stand-ins: loading runs no code."""
+    with torch.serialization.safe_globals([(OpaqueState, name) for name in ALLOWED_GLOBALS]):
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+
+
+def check_pickles(tag_dir: Path) -> None:
+    """Before DeepSpeed (which unpickles fully) reads a checkpoint: every `.pt` file of `tag_dir` must load
+    with `safe_load`, else a one-line CheckpointError names the file and the global it would run."""
+    for f in sorted(Path(tag_dir).glob("*.pt")):
+        try:
+            safe_load(f)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            what = f"the global {found.group(1)}" if found else "an object"
+            raise CheckpointError(f"{f}: holds {what}, which is not in the allow-list of what DeepSpeed's "
+                                  f"checkpoints contain; loading it could run code, so it is refused (pass "
+                                  f"--trust-checkpoint only for a checkpoint whose origin you trust)") from None
+        except Exception as e:
+            raise CheckpointError(f"{f}: cannot be read as a torch checkpoint ({type(e).__name__}: "
+                                  f"{(str(e).splitlines() or [''])[0]}); use another checkpoint") from None
+
+
 def problem(step_dir: Path, world_size: int) -> str | None:
     """Why `step_dir` cannot be resumed by `world_size` processes, or None when it looks complete."""
     if not step_dir.is_dir():
@@ -237,22 +280,54 @@ def find_resume(resume: str, ckpt_root: Path, world_size: int) -> tuple[Path | N
     return None, notes
 
 
+# What a checkpoint fixes: resuming with another value is refused before anything starts. The model's
+# memory options change nothing that is computed; settings not listed here (lr, schedule lengths, eval and
+# save cadence, validation size, epochs) may change on resume and are listed in a note.
+MEMORY_ONLY = ("loss_chunk_size", "recompute_swiglu", "activation_checkpointing")
+FIXED = {"data": ("source", "path", "tokenizer", "seq_len", "packing", "shuffle_buffer", "seed", "num_workers",
+                  "add_bos"),
+         "optim": ("name", "galore_rank", "galore_update_proj_gap", "galore_proj_type", "galore_targets", "galore_scale"),
+         "deepspeed": ("zero_optimization.stage", "bf16.enabled", "fp16.enabled", "train_batch_size",
+                       "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")}
+WHY = {"model": "the weights have another shape or function", "velora": "the codecs' state would not match",
+       "data": "the saved data position means nothing in another data setup",
+       "optim": "the optimizer state belongs to another optimizer",
+       "deepspeed": "DeepSpeed cannot load a checkpoint into another ZeRO stage, precision or batch layout"}
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part, {}) if isinstance(d, dict) else {}
+    return None if d == {} else d
+
+
 def check_compatible(step_dir: Path, run_config) -> list[str]:
-    """Refuse a checkpoint whose model or VeLoRA setup differs; list other changed settings."""
+    """Refuse a checkpoint whose fixed settings (model, VeLoRA, data pipeline, optimizer, ZeRO layout)
+    differ from this run's, naming the setting and the saved value; list the other changed settings."""
     saved = json.loads((step_dir / RUN_CONFIG).read_text())
     now = run_config.to_dict()
-    for section in ("model", "velora"):
-        diff = sorted(k for k in set(saved[section]) | set(now[section])
-                      if saved[section].get(k) != now[section].get(k))
+    keys = {s: [k for k in set(saved.get(s, {})) | set(now[s]) if not (s == "model" and k in MEMORY_ONLY)]
+            for s in ("model", "velora")}
+    keys.update(FIXED)
+    for section, names in keys.items():
+        diff = sorted(k for k in names if _get(saved.get(section, {}), k) != _get(now[section], k))
         if diff:
-            raise CheckpointError(f"{step_dir}: the checkpoint's {section} differs from this run's in "
-                                  f"{', '.join(f'{section}.{k}' for k in diff)}; resume with the config it was "
-                                  f"written with ({step_dir / RUN_CONFIG})")
-    changed = sorted(f"{s}.{k}" for s in ("data", "optim", "train") for k in set(saved[s]) | set(now[s])
-                     if saved[s].get(k) != now[s].get(k))
+            k = diff[0]
+            raise CheckpointError(
+                f"{step_dir}: the checkpoint's {section} differs from this run's in "
+                f"{', '.join(f'{section}.{d}' for d in diff)} ({section}.{k}: checkpoint {_get(saved[section], k)!r}, "
+                f"now {_get(now[section], k)!r}); {WHY[section]}: resume with the settings it was written with "
+                f"({step_dir / RUN_CONFIG})")
+    changed = sorted(f"{s}.{k}" for s in ("model", "data", "optim", "train") for k in set(saved[s]) | set(now[s])
+                     if saved[s].get(k) != now[s].get(k) and k not in FIXED.get(s, ()))
     if saved["deepspeed"] != now["deepspeed"]:
         changed.append("deepspeed")
     return [f"note: resuming with changed settings: {', '.join(changed)}"] if changed else []
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two files hold the same bytes."""
+    return Path(a).read_bytes() == Path(b).read_bytes()
 
 
 def load_checkpoint(engine, step_dir: Path, rank: int) -> dict:

@@ -1,7 +1,9 @@
-"""Writes that survive a kill at any instant: readers see the old file or the whole new one."""
+"""Writes that survive a kill at any instant: readers see the old file or the whole new one, and a
+write that fails (a full disk) leaves no partial file behind."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 
@@ -13,13 +15,27 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old file or the whole new one, never a part."""
+def _atomic(path: Path, write) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` so that readers see the old file or the whole new one, never a part."""
+    _atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    """Copy `src` to `dst` with the guarantees of `atomic_write_text`."""
+    with open(src, "rb") as s:
+        _atomic(dst, lambda f: shutil.copyfileobj(s, f))

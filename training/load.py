@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from model import LlamaForCausalLM
-from training.checkpoint import broken_archives, read_latest
+from training.checkpoint import broken_archives, check_pickles, read_latest, safe_load
 from training.config import RunConfig, load_config
 from training.errors import CheckpointError, ConfigError
 from training.export import plain_state_dict
@@ -86,18 +86,15 @@ def _check_archives(tag_dir: Path) -> None:
                               f"(e.g. an earlier step_N)")
 
 
-class _OpaqueState:
-    """Stand-in for objects pickled inside a ZeRO-0 optimizer state, which loading weights never needs."""
-
-
-_OPTIMIZER_OBJECTS = ("galore_torch.galore_projector.GaLoreProjector",)
-
-
-def deepspeed_state_dict(tag_dir) -> dict:
+def deepspeed_state_dict(tag_dir, trust: bool = False) -> dict:
     """The full-precision weights (and buffers) of one DeepSpeed checkpoint directory, consolidated on
-    CPU: ZeRO 1-3 through DeepSpeed's zero_to_fp32 (fp32 master weights), ZeRO 0 from the module."""
+    CPU: ZeRO 1-3 through DeepSpeed's zero_to_fp32 (fp32 master weights), ZeRO 0 from the module.
+    DeepSpeed unpickles fully, so its files are checked first (`checkpoint.check_pickles`) unless
+    `trust` is set."""
     tag_dir = Path(tag_dir)
     _check_archives(tag_dir)
+    if not trust:
+        check_pickles(tag_dir)
     if list(tag_dir.glob("*_optim_states.pt")):  # ZeRO 1-3: weights live partitioned in the optimizer files
         quiet = io.StringIO()  # DeepSpeed prints progress (and an accelerator note on import) to stdout
         try:
@@ -112,10 +109,9 @@ def deepspeed_state_dict(tag_dir) -> dict:
         raise CheckpointError(f"{tag_dir}: has no {ZERO0_MODEL_FILE} and no *_optim_states.pt; "
                               f"not a complete DeepSpeed checkpoint")
     try:
-        # ZeRO 0 stores the optimizer state in the same file; GaLore's holds pickled projector objects.
-        # Map them to an inert stand-in (nothing of galore_torch is imported or run): only "module" is used.
-        with torch.serialization.safe_globals([(_OpaqueState, name) for name in _OPTIMIZER_OBJECTS]):
-            states = torch.load(file, map_location="cpu", weights_only=True)
+        # ZeRO 0 stores the optimizer state in the same file (GaLore's holds projector objects): the
+        # allow-listed objects become inert stand-ins; only "module" is used.
+        states = safe_load(file)
     except Exception as e:
         raise CheckpointError(f"{file}: cannot be read with torch.load(weights_only=True) "
                               f"({str(e).splitlines()[0]})") from None
@@ -146,7 +142,7 @@ def load_tokenizer_file(file: Path, run_config: RunConfig):
     return load_tokenizer(data_cfg, run_config.model.vocab_size)
 
 
-def load_model(path, device="cpu"):
+def load_model(path, device="cpu", trust: bool = False):
     """Load a trained model for evaluation or further work: returns `(model, run_config, tokenizer)`.
 
     `path`: an exported `final/` (preferred: safetensors), a run output directory, its
@@ -155,12 +151,13 @@ def load_model(path, device="cpu"):
     VeLoRA is not applied (for further VeLoRA training, `velora.apply_velora(model,
     run_config.velora)`; to continue a run exactly, resume it with train_c4.py instead).
     The tokenizer is the `data` Tokenizer saved with the checkpoint (its `.model_path` is the file).
-    Bad input raises `CheckpointError` with a one-line message naming the file.
+    Bad input raises `CheckpointError` with a one-line message naming the file. A DeepSpeed checkpoint
+    holding anything outside the allow-list of what DeepSpeed writes is refused unless `trust` is set.
     """
-    return load_source(resolve_checkpoint(path), device)
+    return load_source(resolve_checkpoint(path), device, trust)
 
 
-def load_source(src: CheckpointSource, device="cpu"):
+def load_source(src: CheckpointSource, device="cpu", trust: bool = False):
     """`load_model` for a source `resolve_checkpoint` already found (scripts report where it is)."""
     run_config = _read_run_config(src.config_file)
     if src.kind == "safetensors":
@@ -168,7 +165,7 @@ def load_source(src: CheckpointSource, device="cpu"):
         state = _read_safetensors(weights_file)
     else:
         weights_file = src.dir
-        state = deepspeed_state_dict(src.dir)
+        state = deepspeed_state_dict(src.dir, trust)
     state = plain_state_dict(state, run_config.model, str(weights_file))
     tokenizer = load_tokenizer_file(src.tokenizer_file, run_config)
     model = LlamaForCausalLM(run_config.model)

@@ -4,25 +4,28 @@ evaluation, checkpoints and the export."""
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
+
+import torch
 
 from data import TrainBatches, load_tokenizer, validation_batches
 
 from .build import build_engine, build_model, seed_everything
-from .checkpoint import (check_compatible, clean_stale, find_resume, load_checkpoint, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import (check_compatible, check_pickles, clean_stale, find_resume, load_checkpoint, rng_state,
+                         same_file, save_checkpoint, set_rng_state)
 from .config import RunConfig, resolve_batch
 from .crash import GracefulStop, pause_point
+from .deepspeed_config import check_deepspeed_section
 from .distributed import barrier, init_distributed, launcher_env
-from .errors import NonFiniteLoss
+from .errors import CheckpointError, ConfigError, NonFiniteLoss
 from .evaluate import evaluate
 from .export import save_final
-from .layout import RunDir
+from .files import atomic_copy
+from .layout import TOKENIZER, RunDir
 from .metrics import Metrics, data_counts, describe_skips, flops_per_token, peak_flops
 from .outputs import RunDirLock, check_output_dir
-from .step import OptimizerStep
+from .step import DataExhausted, OptimizerStep
 
 
 class TrainingRun:
@@ -32,13 +35,17 @@ class TrainingRun:
     when the run stopped early)."""
 
     def __init__(self, cfg: RunConfig, resume: str | None = None, stop_at: int | None = None,
-                 local_rank: int | None = None):
+                 local_rank: int | None = None, trust_checkpoint: bool = False):
         self.cfg, self.stop_at, self.local_rank = cfg, stop_at, local_rank
         self.dir = RunDir(Path(cfg.train.output_dir))
         check_output_dir(cfg.train.output_dir, resume)
         world_size = launcher_env(local_rank)[1]
         self.batch = resolve_batch(cfg.deepspeed, world_size)
         global_batch, micro, accum, _ = self.batch
+        check_deepspeed_section(cfg.deepspeed, micro, accum)
+        if cfg.deepspeed.get("fp16", {}).get("enabled") and not torch.cuda.is_available():
+            raise ConfigError("deepspeed.fp16.enabled=true: DeepSpeed refuses fp16 without a GPU; use "
+                              "--set deepspeed.fp16.enabled=false --set deepspeed.bf16.enabled=true on CPU")
         cfg.deepspeed.update(train_batch_size=global_batch, train_micro_batch_size_per_gpu=micro,
                              gradient_accumulation_steps=accum)
         self.resume = resume
@@ -46,16 +53,19 @@ class TrainingRun:
                                        else (None, []))
         if self.resume_dir is not None:
             self.notes += check_compatible(self.resume_dir, cfg)
-        self.step, self.tokens_seen, self.saved_at = 0, 0, 0
+            if not trust_checkpoint and launcher_env(local_rank)[2] == 0:   # one process per node reads them
+                check_pickles(self.resume_dir)
+        self.step, self.tokens_seen, self.saved_at, self.data_exhausted = 0, 0, 0, False
         self.batches = self.engine = self.metrics = self.lock = None
 
     # --- the state every checkpoint holds (one per rank) ----------------------------------------
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.dist.world_size,
-                "data": self.batches.state_dict(), "rng": rng_state()}
+                "data_exhausted": self.data_exhausted, "data": self.batches.state_dict(), "rng": rng_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.data_exhausted = state.get("data_exhausted", False)
         self.batches.load_state_dict(state["data"])
         set_rng_state(state["rng"])
 
@@ -74,6 +84,11 @@ class TrainingRun:
         if not dist.is_main:
             barrier()  # the tokenizer and the built-in corpus are built once, by rank 0 first
         self.tokenizer = load_tokenizer(cfg.data, cfg.model.vocab_size)
+        saved_tok = self.resume_dir / TOKENIZER if self.resume_dir is not None else None
+        if saved_tok is not None and saved_tok.is_file() and not same_file(saved_tok, self.tokenizer.model_path):
+            raise CheckpointError(f"{self.resume_dir}: the checkpoint was trained with another tokenizer than "
+                                  f"{self.tokenizer.model_path} (same name, other contents); its token ids would "
+                                  f"mean other text: resume with --set data.tokenizer={saved_tok}")
         self.val_batches = validation_batches(cfg.data, self.tokenizer, cfg.train.eval_batch_size or micro,
                                               rank=dist.rank, world_size=dist.world_size)
         if dist.is_main:
@@ -95,16 +110,16 @@ class TrainingRun:
         if self.dist.is_main:
             clean_stale(self.dir.checkpoints)
             self.cfg.save(self.dir.run_config)
-            shutil.copyfile(self.tokenizer.model_path, self.dir.tokenizer)
+            atomic_copy(self.tokenizer.model_path, self.dir.tokenizer)
         barrier()
         cfg, dist = self.cfg, self.dist
-        n_no_embed = sum(p.numel() for n, p in self.engine.module.named_parameters() if "embed_tokens" not in n)
         peak, mfu_label = peak_flops(dist.device, cfg.bf16)
         self._say(mfu_label)
         self.metrics = Metrics(self.dir.root, is_main=dist.is_main, max_steps=cfg.train.max_steps,
                                start_step=self.step, log_every=cfg.train.log_every, device=dist.device,
-                               world_size=dist.world_size, flops_per_token=flops_per_token(cfg.model, n_no_embed),
+                               world_size=dist.world_size, flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
                                peak=peak)
+        self.metrics.run_config(cfg.to_dict())
 
     def _describe(self, model) -> str:
         cfg, dist, (g, m, a, note) = self.cfg, self.dist, self.batch
@@ -171,11 +186,24 @@ class TrainingRun:
         stop = GracefulStop()  # from here on SIGTERM/SIGINT mean: save at the next step boundary, exit 0
         step_fn = OptimizerStep(self.engine, iter(self.batches), self.batch[2], self.dist, stop, self._phase)
         try:
-            while self.step < cfg.train.max_steps:
-                self._train_step(step_fn)
+            while self.step < cfg.train.max_steps and not self.data_exhausted:
+                try:
+                    self._train_step(step_fn)
+                except DataExhausted:
+                    self.data_exhausted = True
+                    self.metrics.print(f"data.epochs={cfg.data.epochs}: the training data ran out after step "
+                                       f"{self.step} of {cfg.train.max_steps}; ending the run here")
+                    if self.step > self.saved_at:
+                        self.save()
+                    result = self._evaluate() if self.step else None
+                    break
                 last = self.step == cfg.train.max_steps
                 if self.step % cfg.train.eval_every == 0 or last:
-                    result = self._evaluate()
+                    try:
+                        result = self._evaluate()
+                    except Exception:
+                        self.save()          # an evaluation that fails must not cost the steps since the last save
+                        raise
                 stopping = self.step == self.stop_at or step_fn.stop_requested
                 if self.step % cfg.train.save_every == 0 or last or stopping:
                     self.save()
@@ -192,7 +220,8 @@ class TrainingRun:
     def _finish(self, result: dict | None) -> dict:
         if result is None:  # resumed a finished run: evaluate what the checkpoint holds
             result = evaluate(self.engine.module, self.val_batches)
-        final = save_final(self.engine.module, self.cfg, self.tokenizer.model_path, self.dir.final)
+        final = save_final(self.engine.module, self.cfg, self.tokenizer.model_path, self.dir.final, overwrite=True,
+                           progress={"step": self.step, "tokens_seen": self.tokens_seen})
         self._say(f"exported {final} (last checkpoint: step {self.saved_at})",
                   describe_skips(data_counts(self.batches.stats, self.dist.device)),
                   f"final validation: ppl {result['ppl']:.2f} (token-weighted), galore_ppl {result['galore_ppl']:.2f}, "

@@ -12,6 +12,11 @@ from .distributed import DistInfo, all_reduce_sum
 from .errors import NonFiniteLoss
 
 
+class DataExhausted(Exception):
+    """Some rank's training data ended (data.epochs > 0) before this step could be filled: every rank
+    raises it at the same step, before any forward."""
+
+
 class OptimizerStep:
     """Runs optimizer steps on `engine` from the iterator `batches`.
 
@@ -38,8 +43,16 @@ class OptimizerStep:
         engine, device = self.engine, self.dist.device
         loss_sum, tokens, grad_norm = 0.0, 0, None
         lr = float(engine.get_lr()[0])
-        for micro in range(self.accum):
-            input_ids, labels = next(self.batches)
+        micro_batches = []
+        for _ in range(self.accum):
+            try:
+                micro_batches.append(next(self.batches))
+            except StopIteration:
+                break
+        # All ranks must agree, or the ones with data would wait forever in the next collective.
+        if all_reduce_sum([float(len(micro_batches) == self.accum)], device)[0] < self.dist.world_size:
+            raise DataExhausted
+        for micro, (input_ids, labels) in enumerate(micro_batches):
             input_ids, labels = input_ids.to(device), labels.to(device)
             loss = engine(input_ids, labels=labels)
             engine.backward(loss)
