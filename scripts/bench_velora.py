@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model import LlamaForCausalLM  # noqa: E402
 from training.config import load_config  # noqa: E402
 from velora import apply_velora  # noqa: E402
-from velora_memory import build_and_measure  # noqa: E402
+from training.velora_memory import build_and_measure  # noqa: E402
 
 MIB = 2 ** 20
 

@@ -1,42 +1,10 @@
-"""Export a checkpoint as a plain LLaMA that transformers loads (safetensors, config.json, tokenizer).
-
-    python scripts/export_hf.py --checkpoint runs/llama_60m/checkpoints/step_5000 --out exported/llama_60m
-    # then: transformers.AutoModelForCausalLM.from_pretrained("exported/llama_60m")
-"""
+"""Export a checkpoint as a plain Hugging Face LLaMA (training/export_hf.py; installed as `velora-export`). Options: --help."""
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python scripts/export_hf.py`
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import argparse  # noqa: E402
-
-from training import cli  # noqa: E402
-from training.export import check_export_target, save_final  # noqa: E402
-from training.load import load_source, resolve_checkpoint  # noqa: E402
-
-
-def main(argv) -> int:
-    p = argparse.ArgumentParser(prog="export_hf.py", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="final/, a run output directory or a DeepSpeed checkpoint")
-    p.add_argument("--out", required=True, help="directory to write (must not exist, or hold an earlier export "
-                                                "and --overwrite be given)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (atomically)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="read a DeepSpeed checkpoint without checking its pickles first (only for trusted ones)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = p.parse_args(argv)
-    import torch
-
-    check_export_target(args.out, args.overwrite)     # before the (slow) load
-    src = resolve_checkpoint(args.checkpoint)
-    model, run_config, _ = load_source(src, trust=args.trust_checkpoint)
-    out = save_final(model, run_config, src.tokenizer_file, args.out, dtype=getattr(torch, args.dtype),
-                     overwrite=args.overwrite)
-    print(f"exported {src.dir} ({src.kind}) to {out}: model.safetensors ({args.dtype}), config.json, "
-          f"tokenizer.model, run_config.json")
-    return 0
-
+from training.export_hf import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, "export_hf.py"))
+    sys.exit(main())

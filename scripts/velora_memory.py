@@ -1,90 +1,10 @@
-"""Bytes saved for backward in one training step of a run config's model, by category, deduplicated by
-storage (velora/memory.py), with exact parameter, gradient and AdamW state bytes.
-
-    python scripts/velora_memory.py --config configs/llama_60m.json --velora all --batch-size 1 --seq-len 256
-    python scripts/velora_memory.py --config configs/llama_60m.json --velora all --loss-chunk-size 1024 --json
-"""
+"""Bytes saved for backward by a run config's model (training/velora_memory.py; installed as `velora-memory`). Options: --help."""
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python scripts/velora_memory.py`
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-
-import torch  # noqa: E402
-
-from model import LlamaForCausalLM  # noqa: E402
-from training import cli  # noqa: E402
-from training.config import load_config  # noqa: E402
-from training.errors import ConfigError  # noqa: E402
-from velora import apply_velora  # noqa: E402
-from velora.config import PRESETS  # noqa: E402
-from velora.memory import measure_step  # noqa: E402
-
-
-def build_and_measure(model_cfg, velora_cfg, batch_size: int, seq_len: int, dtype: str = "fp32",
-                      seed: int = 0) -> dict:
-    """Build our LLaMA from `model_cfg` (model.LlamaConfig), apply VeLoRA, measure one step."""
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(model_cfg)
-    model, summary = apply_velora(model, velora_cfg)
-    ids = torch.randint(0, model_cfg.vocab_size, (batch_size, seq_len))
-    report = measure_step(model, ids, torch.bfloat16 if dtype == "bf16" else None)
-    report["velora_warnings"] = summary.warnings
-    return report
-
-
-def format_report(report: dict) -> str:
-    """A readable table of `measure_step`'s result."""
-    mib, tok = 2 ** 20, report["tokens"]
-    lines = [f"{'saved for backward':<22}{'MiB':>10}{'B/token':>10}"]
-    for cat, b in report["saved"].items():
-        lines.append(f"  {cat:<20}{b / mib:>10.2f}{b / tok:>10.0f}")
-    lines.append(f"  {'total':<20}{report['saved_total'] / mib:>10.2f}{report['saved_total'] / tok:>10.0f}")
-    for key in ("parameters", "gradients", "optimizer_states"):
-        lines.append(f"{key.replace('_', ' '):<22}{report[key] / mib:>10.2f}")
-    lines += [f"warning: {w}" for w in report.get("velora_warnings", [])]
-    return "\n".join(lines)
-
-
-def measure(argv) -> int:
-    p = argparse.ArgumentParser(prog="velora_memory.py", description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="run config JSON (or a bare GaLore model JSON)")
-    p.add_argument("--velora", choices=list(PRESETS), help="override velora.targets with a preset")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=0, help="default: the config's data.seq_len")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast, fp32 weights")
-    p.add_argument("--loss-chunk-size", type=int, help="set model.loss_chunk_size")
-    p.add_argument("--recompute-swiglu", action="store_true", help="set model.recompute_swiglu")
-    p.add_argument("--activation-checkpointing", action="store_true", help="set model.activation_checkpointing")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config override")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    args = p.parse_args(argv)
-
-    overrides = list(args.set)
-    if args.velora:
-        overrides.append(f"velora.targets={args.velora}")
-    if args.loss_chunk_size is not None:
-        overrides.append(f"model.loss_chunk_size={args.loss_chunk_size}")
-    if args.recompute_swiglu:
-        overrides.append("model.recompute_swiglu=true")
-    if args.activation_checkpointing:
-        overrides.append("model.activation_checkpointing=true")
-    cfg = load_config(args.config, overrides)
-    if args.batch_size <= 0 or args.seq_len < 0:
-        raise ConfigError("--batch-size must be positive and --seq-len >= 0")
-    seq_len = args.seq_len or cfg.data.seq_len
-    report = build_and_measure(cfg.model, cfg.velora, args.batch_size, seq_len, args.dtype)
-    report.update(config=args.config, velora=cfg.velora.targets, dtype=args.dtype, batch_size=args.batch_size,
-                  seq_len=seq_len)
-    print(json.dumps(report) if args.json else format_report(report))
-    return 0
-
-
-def main(argv=None) -> int:
-    return cli.run(measure, "velora_memory.py", argv)
-
+from training.velora_memory import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from .errors import UserError
 
 # Errors whose message is written for the user (OSError: a file the user named cannot be read or
 # written). --debug shows the traceback instead.
 USER_ERRORS = (UserError, OSError)
+
+
+def prog() -> str:
+    """The name the user typed: `eval_ppl.py` for `python scripts/eval_ppl.py`, `velora-eval` for the console script."""
+    return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "velora"
 
 
 def run(main, prog: str | None, argv: list[str] | None = None) -> int:
