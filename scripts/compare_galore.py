@@ -12,7 +12,8 @@ Methods (`--methods` picks some; METHODS below lists them all). `--seeds N` trai
 seed gives every method the same initial weights and batches). `--lr-sweep` tries a log-spaced grid of
 `--lr-points` learning rates a factor 2 apart (10 per 3 decades: 5 per decade and a half) around each
 method's default, every lr at every seed, and extends it while the best mean validation loss sits at an
-edge. GaLore keeps its recipe's two parameter groups: one lr for all, its projected matrices' updates
+edge; with `--sweep-seeds K` the sweep runs seeds 0..K-1 only and the best lr then runs at every seed
+(a cheaper protocol: the lr is chosen on fewer seeds, the reported mean covers them all). GaLore keeps its recipe's two parameter groups: one lr for all, its projected matrices' updates
 scaled by 0.25; the sweep moves that one lr. Each run lives in OUT/runs/<name>/ with its log
 OUT/logs/<name>.log; a run that completed with the same command line is reused, so the script resumes and
 re-tabulates. Memory columns are measured here, in this process, from real tensors. Writes
@@ -142,6 +143,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, help="seeds 0..N-1 for every method (default: the preset's)")
     p.add_argument("--lr-sweep", action="store_true", default=None, help="sweep the lr per method (see above)")
     p.add_argument("--lr-points", type=int, default=5, help="initial points of the lr grid (factor 2 apart)")
+    p.add_argument("--sweep-seeds", type=int, help="seeds the lr sweep runs (default: all); the best lr runs at all")
     p.add_argument("--lr", type=float, help="lr (or the sweep's centre) of the AdamW methods")
     p.add_argument("--galore-lr", type=float, help=f"lr (or the sweep's centre) of the GaLore methods ({GALORE_LR})")
     p.add_argument("--out", help="output directory (default: runs/compare_<preset>)")
@@ -179,6 +181,7 @@ class Plan:
         self.galore_gap = pre.galore.get("update_proj_gap", min(200, max(1, self.steps // 50)))
         self.galore_rank = pre.galore.get("rank", max(1, self.base.model.hidden_size // 4))
         self.seeds = list(range(args.seeds or pre.seeds))
+        self.sweep_seeds = self.seeds[:args.sweep_seeds] if args.sweep_seeds else self.seeds
         self.lr_sweep = pre.lr_sweep if args.lr_sweep is None else args.lr_sweep
         self.out = Path(args.out or f"runs/compare_{args.preset}")
         self.per_method = {}
@@ -192,8 +195,8 @@ class Plan:
         for m in self.methods:
             if m not in METHODS:
                 raise ConfigError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
-        if args.lr_points < 1 or (args.seeds is not None and args.seeds < 1):
-            raise ConfigError("--lr-points and --seeds must be positive")
+        if args.lr_points < 1 or any(n is not None and n < 1 for n in (args.seeds, args.sweep_seeds)):
+            raise ConfigError("--lr-points, --seeds and --sweep-seeds must be positive")
 
     def centre_lr(self, method: str) -> float:
         if METHODS[method].galore:
@@ -227,6 +230,7 @@ class Plan:
         return {"config": self.config, "out": self.out, "steps": self.steps, "tokens_per_step": self.tokens_per_step,
                 "tokens": self.steps * self.tokens_per_step, "galore_rank": self.galore_rank,
                 "galore_gap": self.galore_gap, "base": self.base, "seeds": self.seeds, "lr_sweep": self.lr_sweep,
+                "sweep_seeds": self.sweep_seeds,
                 "preset": self.args.preset, "methods": self.methods,
                 "command": " ".join(shlex.quote(a) for a in ["scripts/compare_galore.sh"] + argv)}
 
@@ -291,35 +295,47 @@ def _error_line(log: Path) -> str:
 
 
 def sweep(plan: Plan, pool, threads: int) -> list[tuple[dict, dict]]:
-    """Run every (method, lr, seed); with --lr-sweep, extend each method's grid by a factor 2 beyond an edge
-    while the best mean validation loss sits there (at most 6 extensions per method)."""
-    from compare_report import lr_means
-
+    """Run every (method, lr, seed of the sweep); with --lr-sweep, extend each method's grid by a factor 2
+    beyond an edge while the best mean validation loss sits there (at most 6 extensions per method); then
+    run the seeds the sweep left out at each method's best lr."""
     lock = threading.Lock()
     lrs = {m: plan.initial_lrs(m) for m in plan.methods}
     done = {}
+
+    def run_all(todo):
+        for run, rec in zip(todo, pool.map(lambda r: execute(r, threads, lock), todo)):
+            done[(run["method"], run["lr"], run["seed"])] = (run, rec)
+
     for _ in range(7):
-        todo = [plan.run(m, lr, s) for m in plan.methods for lr in lrs[m] for s in plan.seeds
+        todo = [plan.run(m, lr, s) for m in plan.methods for lr in lrs[m] for s in plan.sweep_seeds
                 if (m, lr, s) not in done]
         if not todo:
             break
-        for run, rec in zip(todo, pool.map(lambda r: execute(r, threads, lock), todo)):
-            done[(run["method"], run["lr"], run["seed"])] = (run, rec)
+        run_all(todo)
         if not plan.lr_sweep:
             break
         for m in plan.methods:
-            means = lr_means([(r, read_log(r["run_dir"]) if rec["returncode"] == 0 else {})
-                              for (mm, _, _), (r, rec) in done.items() if mm == m], len(plan.seeds))
-            finite = {lr: v for lr, v in means.items() if math.isfinite(v)}
-            if not finite:                                # every lr diverged or failed: go lower
+            best = _best_lr(done, m, len(plan.sweep_seeds))
+            if best is None:                              # every lr diverged or failed: go lower
                 lrs[m] = [min(lrs[m]) / 2] + lrs[m]
-                continue
-            best = min(finite, key=finite.get)
-            if best == min(lrs[m]):
+            elif best == min(lrs[m]):
                 lrs[m] = [best / 2] + lrs[m]
             elif best == max(lrs[m]):
                 lrs[m] = lrs[m] + [best * 2]
+    rest = [s for s in plan.seeds if s not in plan.sweep_seeds]
+    run_all([plan.run(m, best, s) for m in plan.methods if (best := _best_lr(done, m, len(plan.sweep_seeds)))
+             for s in rest])
     return list(done.values())
+
+
+def _best_lr(done: dict, method: str, n_seeds: int) -> float | None:
+    """The lr with the lowest mean final validation loss over `n_seeds` seeds, or None when none finished."""
+    from compare_report import lr_means
+
+    means = lr_means([(r, read_log(r["run_dir"]) if rec["returncode"] == 0 else {})
+                      for (m, _, s), (r, rec) in done.items() if m == method and s < n_seeds], n_seeds)
+    finite = {lr: v for lr, v in means.items() if math.isfinite(v)}
+    return min(finite, key=finite.get) if finite else None
 
 
 def _state_bytes(obj, seen: set) -> int:
@@ -401,7 +417,7 @@ def compare(argv) -> int:
           f"{' x swept lrs' if plan.lr_sweep else ''}, {plan.steps} steps ({facts['tokens']:,} tokens) per run, "
           f"config {plan.config}, output {plan.out}", flush=True)
     jobs = max(1, args.jobs or plan.preset.jobs)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, len(os.sched_getaffinity(0)) // jobs)   # the cores this process may use (taskset, cgroups)
     facts.update(jobs=jobs, threads=threads)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         results = sweep(plan, pool, threads)

@@ -197,8 +197,12 @@ def write_markdown(rows: list[dict], summary: list, facts: dict, path: Path) -> 
             f"{(s.get('optim_state_bytes') or 0) / MIB:.2f} | {s.get('step_time_ratio', math.nan):.3f} |")
     lines += ["", f"Curves: {crossing(summary)}.", ""]
     if facts["lr_sweep"]:
+        part = facts.get("sweep_seeds", seeds)
         lines += ["Learning-rate sweep (mean validation ppl over the seeds per lr; `diverged` where a seed's loss "
-                  "became non-finite):", ""]
+                  "became non-finite)" + ("" if len(part) == len(seeds) else
+                                          f"; the sweep ran seed(s) {', '.join(map(str, part))} only and the best "
+                                          f"lr then ran at every seed, so other lrs' means cover fewer seeds")
+                  + ":", ""]
         for s in summary:
             cells = []
             for lr in sorted(s["lrs"]):

@@ -62,36 +62,55 @@ def test_compare_bad_arguments(capsys):
     assert "--method-set 'galore=lr'" in capsys.readouterr().err
 
 
-def test_lr_sweep_extends_past_an_edge_and_picks_the_best_mean(monkeypatch, tmp_path):
-    """Losses are a parabola in log2(lr) with its minimum at 4x the centre: the 5-point grid (centre/4 ..
-    centre*4) has its best at the upper edge, so the sweep adds 8x, finds 4x interior and stops."""
-    centre = 0.001
+CENTRE = 0.001
 
+
+def _fake_sweep(monkeypatch, tmp_path, *argv):
+    """compare_galore.sweep with fake runs whose loss is a parabola in log2(lr), minimum at 4x the centre."""
     def fake_execute(run, threads, lock):
         return {"cmd": run["cmd"][1:], "returncode": 0, "wall_s": 1.0, "error": None, "diverged": False}
 
-    def fake_log(run_dir):
-        lr = float(run_dir.name.split("_lr")[1].split("_")[0])
-        seed = int(run_dir.name.rsplit("_s", 1)[1])
-        loss = 4.0 + (math.log2(lr / centre) - 2) ** 2 * 0.01 + 0.001 * seed
-        return {"val_loss": loss, "val_ppl": math.exp(loss), "val_galore_ppl": math.exp(loss), "step_time_s": 1.0,
-                "tokens_per_s": 1.0, "curve": [(100, loss + 1), (200, loss)]}
-
     monkeypatch.setattr(compare_galore, "execute", fake_execute)
-    monkeypatch.setattr(compare_galore, "read_log", fake_log)
-    args = compare_galore.parse_args(["--quick", "--methods", "full_rank", "--lr-sweep", "--seeds", "2",
-                                      "--lr", str(centre), "--out", str(tmp_path)])
+    monkeypatch.setattr(compare_galore, "read_log", _fake_log)
+    args = compare_galore.parse_args(["--quick", "--methods", "full_rank", "--lr-sweep", "--lr", str(CENTRE),
+                                      "--out", str(tmp_path), *argv])
     args.argv = []
-    plan = compare_galore.Plan(args)
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(1) as pool:
-        done = compare_galore.sweep(plan, pool, 1)
+        return compare_galore.sweep(compare_galore.Plan(args), pool, 1)
+
+
+def _fake_log(run_dir):
+    lr = float(run_dir.name.split("_lr")[1].split("_")[0])
+    seed = int(run_dir.name.rsplit("_s", 1)[1])
+    loss = 4.0 + (math.log2(lr / CENTRE) - 2) ** 2 * 0.01 + 0.001 * seed
+    return {"val_loss": loss, "val_ppl": math.exp(loss), "val_galore_ppl": math.exp(loss), "step_time_s": 1.0,
+            "tokens_per_s": 1.0, "curve": [(100, loss + 1), (200, loss)]}
+
+
+def test_sweep_on_fewer_seeds_then_the_best_lr_at_every_seed(monkeypatch, tmp_path):
+    done = _fake_sweep(monkeypatch, tmp_path, "--seeds", "3", "--sweep-seeds", "1")
+    by_lr = {}
+    for run, _ in done:
+        by_lr.setdefault(run["lr"], set()).add(run["seed"])
+    assert by_lr.pop(CENTRE * 4) == {0, 1, 2} and all(seeds == {0} for seeds in by_lr.values())
+    import compare_report
+    rows = [{"method": r["method"], "label": r["label"], "lr": r["lr"], "seed": r["seed"], "status": "ok",
+             **_fake_log(r["run_dir"])} for r, _ in done]
+    assert compare_report.summarize(rows, 3)[0]["best_lr"] == CENTRE * 4
+
+
+def test_lr_sweep_extends_past_an_edge_and_picks_the_best_mean(monkeypatch, tmp_path):
+    """The 5-point grid (centre/4 .. centre*4) has its best at the upper edge, so the sweep adds 8x, finds 4x
+    interior and stops."""
+    centre = CENTRE
+    done = _fake_sweep(monkeypatch, tmp_path, "--seeds", "2")
     lrs = sorted({run["lr"] for run, _ in done})
     assert lrs == [centre * 2.0 ** k for k in range(-2, 4)]
     assert len(done) == 2 * len(lrs)
     import compare_report
     rows = [{"method": r["method"], "label": r["label"], "lr": r["lr"], "seed": r["seed"], "status": "ok",
-             **fake_log(r["run_dir"])} for r, _ in done]
+             **_fake_log(r["run_dir"])} for r, _ in done]
     summary = compare_report.summarize(rows, 2)
     assert summary[0]["best_lr"] == centre * 4 and not summary[0]["edge"]
 
