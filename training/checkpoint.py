@@ -185,7 +185,8 @@ class OpaqueState:
 
 
 # Every global DeepSpeed 0.19's own checkpoints hold besides tensors and containers (read off real
-# checkpoints of ZeRO 0-3, fp32 and bf16, AdamW, Adafactor and GaLore: tests/test_training_safe_load.py).
+# checkpoints of ZeRO 0-3, fp32 and bf16, AdamW, Adafactor and GaLore; every resume test checks them, and
+# tests/test_train_c4.py::test_two_processes_match_one_process checks ZeRO 1-3 directly).
 ALLOWED_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
                    "deepspeed.runtime.zero.config.ZeroStageEnum",
                    "deepspeed.utils.tensor_fragment.fragment_address",
