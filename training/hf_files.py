@@ -3,10 +3,11 @@ weights, so that `AutoTokenizer` / `AutoModelForCausalLM.from_pretrained(final)`
 step and tokenize exactly as training did.
 
 - `tokenizer.json` + `tokenizer_config.json`: the run's sentencepiece model converted by transformers
-  (byte fallback, the same pieces; texts that begin with several spaces may split differently), with
-  `add_bos_token` = what training did (data.add_bos), `add_eos_token` false (training appends EOS after
-  each document, which a prompt must not get), EOS as the pad token (the sentencepiece models have none)
-  and `model_max_length` = the model's.
+  (byte fallback, the same pieces; texts that begin with several spaces may split differently). BOS is
+  added exactly when training added it (data.add_bos; transformers 5 keeps this in tokenizer.json's
+  post-processor, not as `add_bos_token`), never EOS (training appends EOS after each document, which a
+  prompt must not get); EOS is the pad token (the sentencepiece models have none) and
+  `model_max_length` is the model's.
 - `config.json`: transformers' LlamaConfig, with the tokenizer's BOS/EOS ids and EOS as pad.
 - `generation_config.json`: the same ids, so `generate` stops at EOS and pads batched prompts.
 """
