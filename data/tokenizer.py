@@ -102,11 +102,13 @@ def _train_builtin(cache: Path, vocab_size: int) -> Path:
                     num_threads=2, minloglevel=2)  # fixed: the thread count is recorded in the file
             except RuntimeError as e:
                 why = str(e).splitlines()[0]
-                # sentencepiece: "Vocabulary size is smaller than required_chars. N vs M." or "... too high"
-                fix = "raise model.vocab_size" if "smaller than" in why else "lower model.vocab_size"
+                # sentencepiece: "Vocabulary size is smaller than required_chars. N vs M." or "... too high";
+                # anything else (a full disk, an unwritable cache) is not about the vocabulary
+                fix = ("raise model.vocab_size" if "smaller than" in why else "lower model.vocab_size"
+                       if "ocabulary size" in why else f"check the space and permissions of {cache}")
                 raise DataError(f"data.tokenizer=builtin: cannot train a {vocab_size}-token BPE model on the "
                                 f"built-in corpus ({why}); {fix} or set data.tokenizer to a sentencepiece "
-                                f".model") from None
+                                f".model (nothing was left in the cache)") from None
             os.replace(prefix + ".model", final)
     return final
 

@@ -192,3 +192,21 @@ def test_builtin_tokenizer_advice():
     from data import load_tokenizer
     with pytest.raises(DataError, match=r"cannot train a 100-token BPE model .*; raise model.vocab_size or set"):
         load_tokenizer(load_config(CONFIG).data, 100)
+
+
+def test_builtin_tokenizer_on_a_full_disk_names_the_cache_and_leaves_nothing(monkeypatch):
+    import sentencepiece as spm
+
+    from data import load_tokenizer
+
+    def full_disk(**kwargs):
+        raise RuntimeError("Internal: src/trainer_interface.cc(662) No space left on device")
+    from data.builtin import builtin_corpus_dir
+    data_cfg = load_config(CONFIG).data
+    cache = data_cfg.cache_path
+    builtin_corpus_dir(cache)                                # the corpus exists; only the tokenizer fails
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train", full_disk)
+    before = sorted(p.name for p in cache.iterdir())
+    with pytest.raises(DataError, match=r"\(Internal: .*No space left on device\); check the space and permissions of "):
+        load_tokenizer(data_cfg, 1234)                     # a size no test caches
+    assert sorted(p.name for p in cache.iterdir()) == before
