@@ -4,10 +4,12 @@
     python scripts/bench_velora.py options --config configs/llama_60m.json
     python scripts/bench_velora.py time --config configs/llama_60m.json --reps 15
     python scripts/bench_velora.py time --config configs/llama_60m.json --variants full_rank,velora_all,sr2_all
+    python scripts/bench_velora.py codecs --configs configs/llama_60m.json --variants velora_all,sr2_all
 
 `memory`: bytes saved for backward in one training step (batch x seq), none / paper / all, fp32 and
 bf16 autocast, with the ratio to none. `options`: VeLoRA `all` and the model's memory options, each
-alone and together, against the plain model. `time`: forward+backward of each variant (a method of
+alone and together, against the plain model. `codecs`: the same bytes for methods of
+scripts/compare_galore.py (codecs, hybrids, memory options), against full-rank. `time`: forward+backward of each variant (a method of
 scripts/compare_galore.py) against full-rank, the same weights and batch, interleaved repetitions (the
 order rotates every repetition), medians and their ratio to full-rank.
 Prints Markdown tables.
@@ -75,6 +77,22 @@ def options_table(path, batch_size, seq_len, loss_chunk) -> str:
     return "\n".join(rows)
 
 
+def variants_table(configs, batch_size, seq_len, variants) -> str:
+    from compare_galore import METHODS
+
+    rows = [f"| model, fp32, {batch_size}x{seq_len} | method | saved MiB | of which proj. inputs | ratio to full-rank |",
+            "|---|---|---:|---:|---:|"]
+    for path in configs:
+        base = None
+        for name in ["full_rank"] + [v for v in variants if v != "full_rank"]:
+            cfg = load_config(path, [s for s in METHODS[name].sets if s.startswith(("velora.", "model."))])
+            r = build_and_measure(cfg.model, cfg.velora, batch_size, seq_len, "fp32")
+            base = base or r["saved_total"]
+            rows.append(f"| {Path(path).stem} | {name} | {r['saved_total'] / MIB:.2f} | "
+                        f"{r['saved']['projection inputs'] / MIB:.2f} | {r['saved_total'] / base:.3f} |")
+    return "\n".join(rows)
+
+
 def step_time(path, batch_size, seq_len, reps, variants) -> list[str]:
     from compare_galore import METHODS
 
@@ -115,19 +133,21 @@ def step_time(path, batch_size, seq_len, reps, variants) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=("memory", "options", "time"))
+    p.add_argument("what", choices=("memory", "options", "codecs", "time"))
     p.add_argument("--configs", nargs="+", default=["configs/llama_60m.json", "configs/llama_350m.json"])
     p.add_argument("--config", default="configs/llama_60m.json")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--loss-chunk-size", type=int, default=1024)
     p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--variants", default="velora_all", help="methods of compare_galore.py to time against full_rank")
+    p.add_argument("--variants", default="velora_all", help="methods of compare_galore.py to compare with full_rank")
     args = p.parse_args(argv)
     if args.what == "memory":
         print(memory_table(args.configs, args.batch_size, args.seq_len))
     elif args.what == "options":
         print(options_table(args.config, args.batch_size, args.seq_len, args.loss_chunk_size))
+    elif args.what == "codecs":
+        print(variants_table(args.configs, args.batch_size, args.seq_len, args.variants.split(",")))
     else:
         print("| setup | variant | median | ratio of medians | median of paired ratios |")
         print("|---|---|---:|---:|---:|")

@@ -56,11 +56,16 @@ class Method:
     label: str
     sets: list = field(default_factory=list)
     galore: bool = False
+    centre: float | None = None      # the lr sweep's default centre (else the AdamW or GaLore default)
 
 
 ALL = "velora.targets=all"
 METHODS = {
     "full_rank": Method("full-rank AdamW"),
+    # GaLore's lr split without its projection: tells what GaLore gains from the split from what it gains from
+    # projecting (its recipe gives the attention/MLP matrices 0.25 x the lr of everything else)
+    "full_rank_split": Method("full-rank AdamW, matrices at 0.25 x lr (GaLore's split, no projection)",
+                              ["optim.matrix_lr_scale=0.25"], centre=0.01),
     "full_rank_ckpt": Method("full-rank AdamW + activation checkpointing", ["model.activation_checkpointing=true"]),
     "galore": Method("GaLore AdamW", galore=True),
     "velora_paper": Method("VeLoRA paper (v_proj+down_proj)", ["velora.targets=paper"]),
@@ -78,6 +83,9 @@ METHODS = {
                                  [ALL, "model.loss_chunk_size=1024", "model.recompute_swiglu=true"]),
     "sr2_all_memopts": Method("sr2 all + loss_chunk_size + recompute_swiglu",
                               [ALL, "velora.codec=sr2", "model.loss_chunk_size=1024", "model.recompute_swiglu=true"]),
+    "sr2_velora_down_memopts": Method("sr2 for q/k/v + gate/up, VeLoRA down_proj + loss_chunk_size + recompute_swiglu",
+                                      [ALL, "velora.codec=sr2", 'velora.codec_overrides={"down_proj":"velora"}',
+                                       "model.loss_chunk_size=1024", "model.recompute_swiglu=true"]),
 }
 GALORE_LR = 0.01
 # The paper's 60M sub-token sizes (M = 8 for hidden-wide inputs, 16 for down_proj): at small widths the
@@ -145,7 +153,8 @@ def parse_args(argv=None):
     p.add_argument("--lr-points", type=int, default=5, help="initial points of the lr grid (factor 2 apart)")
     p.add_argument("--sweep-seeds", type=int, help="seeds the lr sweep runs (default: all); the best lr runs at all")
     p.add_argument("--lr", type=float, help="lr (or the sweep's centre) of the AdamW methods")
-    p.add_argument("--galore-lr", type=float, help=f"lr (or the sweep's centre) of the GaLore methods ({GALORE_LR})")
+    p.add_argument("--galore-lr", type=float,
+                   help=f"lr (or the sweep's centre) of the GaLore methods and full_rank_split ({GALORE_LR})")
     p.add_argument("--out", help="output directory (default: runs/compare_<preset>)")
     p.add_argument("--methods", help="comma-separated subset of: " + ", ".join(METHODS))
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override for every method")
@@ -199,8 +208,9 @@ class Plan:
             raise ConfigError("--lr-points, --seeds and --sweep-seeds must be positive")
 
     def centre_lr(self, method: str) -> float:
-        if METHODS[method].galore:
-            return self.args.galore_lr or self.preset.lrs.get(method, GALORE_LR)
+        m = METHODS[method]
+        if m.galore or m.centre:
+            return self.args.galore_lr or self.preset.lrs.get(method, m.centre or GALORE_LR)
         return self.args.lr or self.preset.lrs.get(method, self.base.optim.lr)
 
     def initial_lrs(self, method: str) -> list:

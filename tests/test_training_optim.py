@@ -81,3 +81,27 @@ def test_adafactor_under_zero_allows_untested_optimizer_and_warns():
     assert isinstance(opt, torch.optim.Adafactor)
     assert ds["zero_allow_untested_optimizer"] is True and "needs ZeRO stage 0" in notes[0]
     assert "zero_allow_untested_optimizer" not in cfg.deepspeed
+
+
+def test_matrix_lr_scale_splits_the_lr_like_galore_without_projecting():
+    """adamw with optim.matrix_lr_scale: attention/MLP matrices at scale x lr, everything else at lr; the
+    schedule scales both groups alike; galore_* refuses it (they scale with galore_scale)."""
+    from model import LlamaForCausalLM
+    from training.optim import build_optimizer
+    from training.schedule import build_scheduler
+
+    cfg = load_config(TINY, ["optim.matrix_lr_scale=0.25", "optim.lr=0.01"])
+    model = LlamaForCausalLM(cfg.model)
+    opt, _, notes = build_optimizer(model, cfg)
+    plain, matrices = opt.param_groups
+    assert plain["lr"] == 0.01 and matrices["lr"] == 0.0025 and "0.25 x lr" in notes[0]
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(("self_attn" in names[id(p)] or "mlp" in names[id(p)]) for p in matrices["params"])
+    assert any("embed_tokens" in names[id(p)] for p in plain["params"])
+    sched = build_scheduler(opt, cfg.optim, 10)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.25 * opt.param_groups[0]["lr"])
+    with pytest.raises(ConfigError, match="optim.matrix_lr_scale=0.5 applies to adamw and adafactor"):
+        load_config(TINY, ["optim.name=galore_adamw", "optim.matrix_lr_scale=0.5"])

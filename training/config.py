@@ -38,6 +38,10 @@ class OptimConfig:
     galore_scale: float = 0.25
     galore_proj_type: str = "std"
     galore_targets: list = field(default_factory=lambda: ["attn", "mlp"])
+    # adamw / adafactor: lr factor of the 2-D weights of galore_targets modules (attention, MLP). GaLore's
+    # recipe gives those weights galore_scale x lr and everything else lr; 0.25 here is that split
+    # without the projection (the control that tells GaLore's projection from its lr split).
+    matrix_lr_scale: float = 1.0
 
     def __post_init__(self):
         check_choice("optim.name", self.name, ("adamw", "adafactor", "galore_adamw", "galore_adafactor"))
@@ -53,6 +57,10 @@ class OptimConfig:
         _positive("optim.galore_rank", self.galore_rank)
         _positive("optim.galore_update_proj_gap", self.galore_update_proj_gap)
         _positive("optim.galore_scale", self.galore_scale)
+        _positive("optim.matrix_lr_scale", self.matrix_lr_scale)
+        if self.name.startswith("galore_") and self.matrix_lr_scale != 1.0:
+            raise ConfigError(f"optim.matrix_lr_scale={self.matrix_lr_scale} applies to adamw and adafactor; "
+                              f"{self.name} scales the projected matrices with optim.galore_scale")
         if not self.galore_targets or not all(isinstance(t, str) and t for t in self.galore_targets):
             raise ConfigError(f"optim.galore_targets: expected a non-empty list of module-name fragments, got "
                               f"{self.galore_targets!r}")

@@ -36,6 +36,12 @@ def galore_param_groups(model: torch.nn.Module, optim_cfg) -> list[dict]:
              "proj_type": optim_cfg.galore_proj_type}]
 
 
+def lr_split_groups(model: torch.nn.Module, optim_cfg) -> list[dict]:
+    """GaLore's two groups without the projection: the matrices at `matrix_lr_scale` x lr, the rest at lr."""
+    plain, matrices = galore_param_groups(model, optim_cfg)
+    return [plain, {"params": matrices["params"], "lr": optim_cfg.lr * optim_cfg.matrix_lr_scale}]
+
+
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> tuple[torch.optim.Optimizer | None, dict, list[str]]:
     """Return (client optimizer or None when DeepSpeed builds its own, the deepspeed dict to pass to
     deepspeed.initialize, notes to print). The returned dict is a copy; `cfg` is not modified."""
@@ -44,11 +50,15 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> tuple[torch.optim
         notes.append(f"optimizer: DeepSpeed's {ds['optimizer'].get('type')} (from deepspeed.optimizer); "
                      f"optim.lr and betas are not used")
         return None, ds, notes
+    params = model.parameters()
+    if o.matrix_lr_scale != 1.0:
+        params = lr_split_groups(model, o)
+        notes.append(f"optimizer: attention and MLP matrices at {o.matrix_lr_scale:g} x lr (optim.matrix_lr_scale)")
     if o.name == "adamw":
-        opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+        opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                 weight_decay=o.weight_decay)
     elif o.name == "adafactor":
-        opt = torch.optim.Adafactor(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        opt = torch.optim.Adafactor(params, lr=o.lr, weight_decay=o.weight_decay)
         if cfg.zero_stage >= 1:
             ds["zero_allow_untested_optimizer"] = True
             notes.append("warning: adafactor under ZeRO >= 1 sees flattened parameters and stops factoring its "
