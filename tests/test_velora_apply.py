@@ -1,11 +1,13 @@
 """apply_velora on our LLaMA and on transformers' LlamaForCausalLM: names, groups, exactness at M = 1."""
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from model import LlamaConfig, LlamaForCausalLM
 from velora import VeLoRAConfig, VeLoRALinear, apply_velora, stored_bytes
+from velora.config import PRESETS
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4)
 
@@ -99,3 +101,15 @@ def test_activation_checkpointing_recompute_does_not_update_v_again():
         torch.testing.assert_close(a[1], b[1], msg=a[0])
     for a, b in zip(runs[0].parameters(), runs[1].parameters()):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_named_setting_fills_targets_and_codecs_and_refuses_contradictions():
+    from velora.config import SETTINGS
+    cfg = VeLoRAConfig(setting="sr2_hybrid")
+    assert cfg.target_list == PRESETS["all"] and cfg.codec_for("q_proj") == "sr2"
+    assert cfg.codec_for("down_proj") == "velora" and SETTINGS["sr2_hybrid"]["codec"] == "sr2"
+    assert VeLoRAConfig(**dataclasses.asdict(cfg)).codec_overrides == {"down_proj": "velora"}   # a saved config reloads
+    with pytest.raises(ValueError, match="velora.setting=sr2_hybrid sets velora.codec='sr2', but velora.codec='pca'"):
+        VeLoRAConfig(setting="sr2_hybrid", codec="pca")
+    with pytest.raises(ValueError, match="velora.setting: unknown setting 'best'"):
+        VeLoRAConfig(setting="best")

@@ -19,6 +19,10 @@ PAPER_SUB_TOKENS_DEFAULT = 64
 # token and sub-token; principal directions of the whole input plus a random sketch of the rest.
 CODECS = ("velora", "sr2", "sr4", "sr8", "rademacher", "gaussian", "pca")
 INIT_RULES = ("batch_average_once", "batch_average", "random")
+# Named settings (`velora.setting`): targets and codecs in one word. `sr2_hybrid` is the recommended one
+# (docs/BENCHMARKS.md, "Activation codecs"): 2-bit stochastic rounding for the inputs q/k/v and gate/up
+# share, the paper's VeLoRA for down_proj's (MLP-wide) input.
+SETTINGS = {"sr2_hybrid": {"targets": "all", "codec": "sr2", "codec_overrides": {"down_proj": "velora"}}}
 
 
 def parse_init(init: str) -> float | None:
@@ -60,6 +64,8 @@ def _positive_int(where: str, value) -> None:
 class VeLoRAConfig:
     """The run config's `velora` section.
 
+    setting: a name of SETTINGS, which sets targets, codec and codec_overrides in one word ("" = none;
+      giving one of those three as well is an error unless it equals the setting's value).
     targets: a preset name (`none`, `paper` = v_proj + down_proj, `all` = every projection but o_proj)
       or a list of HF projection names.
     codec: what a compressed input keeps for backward (one of CODECS); `codec_overrides` sets it per
@@ -77,6 +83,7 @@ class VeLoRAConfig:
     seed: seeds `random` init and the random codecs (with the layer, the rank and the forward count).
     """
 
+    setting: str = ""
     targets: str | list = "none"
     codec: str = "velora"
     codec_overrides: dict = field(default_factory=dict)
@@ -90,6 +97,7 @@ class VeLoRAConfig:
     seed: int = 0
 
     def __post_init__(self):
+        self._apply_setting()
         if isinstance(self.targets, str):
             if self.targets not in PRESETS:
                 raise ValueError(f"velora.targets: unknown preset {self.targets!r}; "
@@ -121,6 +129,19 @@ class VeLoRAConfig:
                 raise ValueError(f"velora.rank={self.rank} exceeds the sub-token size M={m} of {name}; "
                                  f"lower velora.rank or raise velora.sub_token_size")
         parse_init(self.init)
+
+    def _apply_setting(self) -> None:
+        if not self.setting:
+            return
+        if self.setting not in SETTINGS:
+            raise ValueError(f"velora.setting: unknown setting {self.setting!r}; use one of {', '.join(SETTINGS)}")
+        defaults = {"targets": "none", "codec": "velora", "codec_overrides": {}}
+        for key, value in SETTINGS[self.setting].items():
+            given = getattr(self, key)
+            if given not in (defaults[key], value):
+                raise ValueError(f"velora.setting={self.setting} sets velora.{key}={value!r}, but velora.{key}="
+                                 f"{given!r} is given too; drop one of them")
+            setattr(self, key, value)
 
     @property
     def target_list(self) -> tuple:
