@@ -209,8 +209,8 @@ class Plan:
     def run(self, method: str, lr: float, seed: int) -> dict:
         m = METHODS[method]
         opt = (["optim.name=galore_adamw", f"optim.galore_rank={self.galore_rank}",
-                f"optim.galore_update_proj_gap={self.galore_gap}", "optim.galore_scale=0.25",
-                "deepspeed.zero_optimization.stage=0"] if m.galore else ["optim.name=adamw"])
+                f"optim.galore_update_proj_gap={self.galore_gap}", "optim.galore_scale=0.25"]
+               if m.galore else ["optim.name=adamw"])
         name = method + (f"_lr{lr:.4g}" if self.lr_sweep else "") + (f"_s{seed}" if len(self.seeds) > 1 else "")
         sets = self.common + opt + m.sets + self.per_method.get(method, []) + [
             f"optim.lr={lr!r}", f"train.seed={seed}", f"data.seed={seed}", f"velora.seed={seed}",

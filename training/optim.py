@@ -15,7 +15,8 @@ import torch
 
 from .config import RunConfig
 from .errors import ConfigError
-
+from .zero_adafactor import ZeroAdafactor
+from .zero_galore import ZeroGaLore
 
 
 def galore_param_groups(model: torch.nn.Module, optim_cfg) -> list[dict]:
@@ -48,11 +49,13 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> tuple[torch.optim
         opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                 weight_decay=o.weight_decay)
     elif o.name == "adafactor":
-        opt = torch.optim.Adafactor(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        if cfg.zero_stage >= 1:
-            ds["zero_allow_untested_optimizer"] = True
-            notes.append("warning: adafactor under ZeRO >= 1 sees flattened parameters and stops factoring its "
-                         "second moment (its memory advantage needs ZeRO stage 0)")
+        factored = ZeroAdafactor if cfg.zero_stage in (1, 2) else torch.optim.Adafactor
+        opt = factored(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        if cfg.zero_stage in (1, 2):
+            notes.append(f"optimizer: adafactor, second moments factored across the ZeRO {cfg.zero_stage} partitions")
+        elif cfg.zero_stage >= 3:
+            notes.append("warning: adafactor under ZeRO 3 sees flattened parameters and stops factoring its "
+                         "second moment (it stays factored under ZeRO 0, 1 and 2)")
     else:
         from galore_torch import GaLoreAdafactor, GaLoreAdamW
 
@@ -64,6 +67,10 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> tuple[torch.optim
             opt = GaLoreAdafactor(groups, lr=o.lr, weight_decay=o.weight_decay, relative_step=False,
                                   scale_parameter=False, warmup_init=False)
         n = sum(p.numel() for p in groups[1]["params"])
+        if cfg.zero_stage >= 1:
+            opt = ZeroGaLore(opt)
         notes.append(f"optimizer: {o.name}, rank {o.galore_rank}, update_proj_gap {o.galore_update_proj_gap}, "
                      f"scale {o.galore_scale}, {len(groups[1]['params'])} projected matrices ({n / 1e6:.2f}M params)")
+    if cfg.zero_stage >= 1 and o.name != "adamw":
+        ds["zero_allow_untested_optimizer"] = True
     return opt, ds, notes

@@ -1,0 +1,159 @@
+"""Shape recovery under ZeRO 1 and 2: which (parameter, element range) pieces a rank's flat fp32 partition holds.
+
+ZeRO 1/2 replace each parameter group of the client optimizer by one flat fp32 tensor, this rank's slice of
+the group's parameters laid end to end. DeepSpeed keeps the map back to the parameters for its universal
+checkpoints, and we read it rather than recompute it: after `deepspeed.initialize`, every model parameter
+`lp` of group i has `lp._hp_mapping`, a `tensor_fragment` that is None when this rank holds none of `lp`, whose
+`lp_fragment_address` (start, numel) is the range of the flattened parameter held here and whose
+`hp_fragment_address` (start, numel) is where that range sits in the flat partition, and DeepSpeed's ZeRO
+optimizer lists group i's parameters, in the same order on every rank, in `bit16_groups[i]` (the model's
+own parameters in fp32) and its flat partition in `single_partition_of_fp32_groups[i]`. One all-gather at
+bind time tells every rank how much of each parameter every other rank holds, so they all agree on who holds
+what and on an owner per parameter (the rank holding most of it, the lowest such rank on a tie).
+
+ZeRO 3 is not supported: it partitions parameters themselves into sub-groups that the optimizer steps one at
+a time, with another map (`ds_tensor`); `partition_layouts` refuses it. The DeepSpeed names used here are in
+`PINNED`; tests/test_training_zero_optim.py checks that they exist and mean what is said above.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+PINNED = {"engine.optimizer": ("bit16_groups", "single_partition_of_fp32_groups", "real_dp_process_group"),
+          "parameter": ("_hp_mapping",),
+          "_hp_mapping": ("lp_fragment_address", "hp_fragment_address"),
+          "fragment_address": ("start", "numel")}
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Elements [start, start + numel) of the flattened parameter `name`, at `flat_start` of the partition."""
+
+    name: str
+    shape: tuple
+    index: int          # the parameter's position in its group, the same on every rank
+    start: int
+    flat_start: int
+    numel: int
+
+    @property
+    def key(self) -> str:
+        """A name for this piece's optimizer state (strings survive torch's optimizer state_dict as keys)."""
+        return f"{self.name}@{self.start}"
+
+    @property
+    def whole(self) -> bool:
+        return self.numel == math.prod(self.shape)
+
+    def of(self, flat: torch.Tensor) -> torch.Tensor:
+        """This piece of the flat partition (or of its gradient), as a 1-D view."""
+        return flat.narrow(0, self.flat_start, self.numel)
+
+
+@dataclass
+class GroupLayout:
+    """One parameter group under ZeRO: every parameter's name and shape, this rank's pieces and, per
+    parameter, the numbers of elements each rank of `group` holds (`held[rank][index]`)."""
+
+    params: list
+    pieces: list
+    held: list
+    group: object
+    rank: int
+
+    def piece(self, index: int) -> Piece | None:
+        """This rank's piece of parameter `index`, or None."""
+        return next((p for p in self.pieces if p.index == index), None)
+
+    def holders(self, index: int) -> list[int]:
+        return [r for r, counts in enumerate(self.held) if counts[index] > 0]
+
+    def owner(self, index: int) -> int:
+        """The rank (in `group`) that holds most of parameter `index`; the lowest one on a tie."""
+        counts = [counts[index] for counts in self.held]
+        return counts.index(max(counts))
+
+    def global_rank(self, group_rank: int) -> int:
+        return dist.get_global_rank(self.group, group_rank) if self.group is not None else group_rank
+
+
+def partition_layouts(engine) -> dict[int, GroupLayout]:
+    """The layout of every parameter group of `engine`'s ZeRO 1/2 optimizer, keyed by id() of the group's
+    flat partition (the tensor the client optimizer finds in its param_groups)."""
+    stage = engine.zero_optimization_stage()
+    if stage not in (1, 2):
+        raise ValueError(f"partition layouts exist under ZeRO 1 and 2 only, not stage {stage}")
+    zero = engine.optimizer
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    layouts = {}
+    for i, params in enumerate(zero.bit16_groups):
+        flat, group = zero.single_partition_of_fp32_groups[i], zero.real_dp_process_group[i]
+        pieces = []
+        for index, lp in enumerate(params):
+            mapping = getattr(lp, "_hp_mapping", None)
+            if mapping is not None:
+                pieces.append(Piece(names[id(lp)], tuple(lp.shape), index, mapping.lp_fragment_address.start,
+                                    mapping.hp_fragment_address.start, mapping.lp_fragment_address.numel))
+        mine = torch.zeros(len(params), dtype=torch.int64)
+        for p in pieces:
+            mine[p.index] = p.numel
+        held = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(held, mine, group=group)
+        torn = [names[id(p)] for i, p in enumerate(params) if sum(int(h[i]) for h in held) != p.numel()]
+        if torn:
+            raise RuntimeError(f"DeepSpeed's _hp_mapping does not tile {torn[0]} across the ranks: this DeepSpeed "
+                               f"is not the one training/zero_layout.py was written for")
+        layouts[id(flat)] = GroupLayout([(names[id(p)], tuple(p.shape)) for p in params], pieces,
+                                        [h.tolist() for h in held], group, dist.get_rank(group))
+    return layouts
+
+
+class PartitionOptimizer(torch.optim.Optimizer):
+    """Base of the client optimizers for ZeRO 1/2: `bind_zero(partition_layouts(engine))` after
+    deepspeed.initialize, then each step calls `_step_partition(group, flat, layout)` per flat partition."""
+
+    def __init__(self, params, defaults: dict):
+        super().__init__(params, defaults)
+        self.layouts: dict[int, GroupLayout] = {}
+
+    def bind_zero(self, layouts: dict[int, GroupLayout]) -> None:
+        """Take the ZeRO layout of every flat partition in param_groups."""
+        missing = [i for i, g in enumerate(self.param_groups) for p in g["params"] if id(p) not in layouts]
+        if missing:
+            raise ValueError(f"no ZeRO layout for the flat partition of parameter group(s) {missing}")
+        self.layouts = layouts
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for flat in group["params"]:
+                self._step_partition(group, flat, self.layouts[id(flat)])
+        return loss
+
+    def _step_partition(self, group: dict, flat: torch.Tensor, layout: GroupLayout) -> None:
+        raise NotImplementedError
+
+
+def row_blocks(start: int, numel: int, cols: int):
+    """Split elements [start, start + numel) of a row-major matrix with `cols` columns into at most three
+    rectangular blocks (a partial first row, whole rows, a partial last row). Yields (offset in the range,
+    first row, rows, first column, columns)."""
+    pos, end = start, start + numel
+    while pos < end:
+        row, col = divmod(pos, cols)
+        if col or end - pos < cols:
+            n = min(cols - col, end - pos)
+            yield pos - start, row, 1, col, n
+            pos += n
+        else:
+            rows = (end - pos) // cols
+            yield pos - start, row, rows, 0, cols
+            pos += rows * cols
