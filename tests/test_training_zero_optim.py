@@ -7,6 +7,7 @@ the assertions need. The model has 3 layers so that a partition boundary falls i
 """
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -208,3 +209,24 @@ def test_pinned_deepspeed_internals_mean_what_we_read(runs):
         for case in CASES:
             facts = rank[case]["layout"]
             assert facts["flat_is_partition"] and facts["pieces_match"], (case, facts)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_cli_stop_and_resume_two_processes_zero2_galore_is_exact(tmp_path):
+    """train_c4.py under torchrun: --stop-at 3, then --resume auto, equals an uninterrupted run bitwise
+    (the projector is recomputed at step 5, after the resume)."""
+    from conftest import losses, train
+
+    def run(out, *args):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", str(free_port())]
+        return train(out, "optim.name=galore_adafactor", "optim.galore_rank=8", "optim.galore_update_proj_gap=2",
+                     "deepspeed.zero_optimization.stage=2", "train.save_every=100", steps=6, args=args,
+                     launcher=launcher)
+
+    run(tmp_path / "whole")
+    run(tmp_path / "parts", "--stop-at", "3")
+    p = run(tmp_path / "parts", "--resume", "auto")
+    assert "at step 3" in p.stdout
+    assert losses(tmp_path / "parts") == losses(tmp_path / "whole") and len(losses(tmp_path / "whole")) == 6
