@@ -62,6 +62,12 @@ def test_galore_under_zero3_is_refused_and_zero12_wraps_it(name):
     assert isinstance(opt, ZeroGaLore) and ds["zero_allow_untested_optimizer"] is True
 
 
+def test_elastic_checkpoint_is_refused_for_the_zero_partition_optimizers():
+    with pytest.raises(ConfigError, match="elastic_checkpoint=true would save none of adafactor's state under ZeRO 2"):
+        load_config(TINY, ["optim.name=adafactor", "deepspeed.zero_optimization.stage=2",
+                           "deepspeed.zero_optimization.elastic_checkpoint=true"])
+
+
 def test_deepspeed_optimizer_only_with_adamw_and_no_deepspeed_scheduler():
     with pytest.raises(ConfigError, match="remove deepspeed.optimizer or use optim.name=adamw"):
         load_config(TINY, ["optim.name=adafactor", 'deepspeed.optimizer={"type": "AdamW"}'])

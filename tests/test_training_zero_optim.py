@@ -230,3 +230,18 @@ def test_cli_stop_and_resume_two_processes_zero2_galore_is_exact(tmp_path):
     p = run(tmp_path / "parts", "--resume", "auto")
     assert "at step 3" in p.stdout
     assert losses(tmp_path / "parts") == losses(tmp_path / "whole") and len(losses(tmp_path / "whole")) == 6
+
+
+@pytest.mark.parametrize("start, numel", [(0, 35), (3, 2), (3, 4), (5, 14), (7, 21), (14, 7), (0, 7)])
+def test_row_blocks_tile_a_flat_range_into_rectangles(start, numel):
+    from training.zero_layout import row_blocks
+
+    rows, cols = 5, 7
+    matrix = torch.arange(rows * cols).view(rows, cols)
+    piece = matrix.view(-1)[start:start + numel]
+    covered = []
+    for offset, row, n_rows, col, n_cols in row_blocks(start, numel, cols):
+        block = piece[offset:offset + n_rows * n_cols].view(n_rows, n_cols)
+        assert torch.equal(block, matrix[row:row + n_rows, col:col + n_cols])
+        covered += block.flatten().tolist()
+    assert covered == piece.tolist() and len(list(row_blocks(start, numel, cols))) <= 3
