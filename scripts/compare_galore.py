@@ -322,7 +322,7 @@ def sweep(plan: Plan, pool, threads: int) -> list[tuple[dict, dict]]:
     return list(done.values())
 
 
-def _state_bytes(obj, seen: set) -> int:
+def state_bytes(obj, seen: set) -> int:
     """Bytes of every tensor reachable from an optimizer state (GaLore keeps its projector as an object)."""
     if isinstance(obj, torch.Tensor):
         key = obj.untyped_storage().data_ptr()
@@ -331,11 +331,11 @@ def _state_bytes(obj, seen: set) -> int:
         seen.add(key)
         return obj.untyped_storage().nbytes()
     if isinstance(obj, dict):
-        return sum(_state_bytes(v, seen) for v in obj.values())
+        return sum(state_bytes(v, seen) for v in obj.values())
     if isinstance(obj, (list, tuple)):
-        return sum(_state_bytes(v, seen) for v in obj)
+        return sum(state_bytes(v, seen) for v in obj)
     if hasattr(obj, "__dict__"):
-        return sum(_state_bytes(v, seen) for v in vars(obj).values())
+        return sum(state_bytes(v, seen) for v in vars(obj).values())
     return 0
 
 
@@ -346,7 +346,8 @@ def measure(run, measure_batch: int) -> dict:
     from training.build import build_model, seed_everything
     from velora.memory import measure_step
 
-    cfg = load_config(run["config"], run["sets"])
+    # One process without DeepSpeed: the ZeRO 1/2 optimizers need an engine's partition layout.
+    cfg = load_config(run["config"], run["sets"] + ["deepspeed.zero_optimization.stage=0"])
     micro = resolve_batch(cfg.deepspeed, 1)[1]
     b = min(micro, measure_batch)
     seed_everything(cfg.train.seed)
@@ -360,7 +361,7 @@ def measure(run, measure_batch: int) -> dict:
     loss.backward()
     optimizer.step()
     return {"param_bytes": rep["parameters"], "grad_bytes": rep["gradients"],
-            "optim_state_bytes": _state_bytes(optimizer.state, set()),
+            "optim_state_bytes": state_bytes(optimizer.state, set()),
             "saved_bytes_micro": rep["saved_total"] * micro / b, "saved_measured_batch": b, "micro_batch": micro,
             "saved_by_category_micro": {k: v * micro / b for k, v in rep["saved"].items()}}
 
