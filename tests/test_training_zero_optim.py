@@ -87,7 +87,9 @@ def _state_shapes(optimizer):
     for key, state in optimizer.state.items():
         entry = {k: tuple(v.shape) for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0}
         if "projector" in state:
-            entry["projector"] = tuple(state["projector"].ortho_matrix.shape)
+            ortho = state["projector"].ortho_matrix
+            entry["projector"] = tuple(ortho.shape)
+            entry["projector_storage"] = (ortho.untyped_storage().nbytes() // ortho.element_size(),)
         shapes[key if isinstance(key, str) else "<tensor>"] = entry
     return shapes
 

@@ -11,8 +11,9 @@ weights are broadcast so that every holder copies back its piece. The step itsel
 update_proj_gap steps, moments in the projected space, scale, weight decay) is galore-torch's exactly, and
 GaLore's projected moments and projector exist once, on the owner. The only exception is GaLoreAdamW's
 plain group (no projection): AdamW is elementwise, so each rank steps its own pieces with their own state,
-which is then partitioned like ZeRO's AdamW. Optimizer state is keyed by parameter name (or name@start for a
-piece), so DeepSpeed saves and restores it with the rest of the ZeRO checkpoint.
+which is then partitioned like ZeRO's AdamW. galore-torch keeps its projector as a slice of the SVD factor,
+which keeps the whole factor alive; we keep a copy of the slice. Optimizer state is keyed by parameter name
+(or name@start for a piece), so DeepSpeed saves and restores it with the rest of the ZeRO checkpoint.
 
 Muon in DeepSpeed 0.19 gathers whole matrices inside the ZeRO optimizer (hooks in stage_1_and_2.py for its
 own MuonWithAuxAdam); that path is closed to a client optimizer, so this uses DeepSpeed's public fragment
@@ -83,3 +84,12 @@ class ZeroGaLore(PartitionOptimizer):
         finally:
             weight.grad = None
             self.inner.state = defaultdict(dict)
+        _compact_projector(self.state[key].get("projector"))
+
+
+def _compact_projector(projector) -> None:
+    """galore-torch keeps its projector as a slice of the SVD factor (Vh[:rank] or U[:, :rank]), which keeps
+    the whole factor's storage alive; a copy of the slice holds the same numbers in rank/width of the memory."""
+    ortho = getattr(projector, "ortho_matrix", None)
+    if torch.is_tensor(ortho) and ortho.untyped_storage().nbytes() > ortho.numel() * ortho.element_size():
+        projector.ortho_matrix = ortho.clone(memory_format=torch.contiguous_format)
