@@ -1,4 +1,4 @@
-"""Adafactor and GaLore under ZeRO 1/2 (training/zero_layout.py, zero_adafactor.py, zero_galore.py).
+"""Adafactor and GaLore under ZeRO 1-3 (training/zero_layout.py, zero_adafactor.py, zero_galore.py).
 
 Two gloo processes build tiny models through build_engine and train 20 steps on fixed random batches (each
 rank half of the global batch); one process at ZeRO 0 runs torch.optim.Adafactor / galore-torch itself on the
@@ -22,7 +22,7 @@ SMALL = ["model.hidden_size=64", "model.intermediate_size=160", "model.num_hidde
          f"data.seq_len={SEQ}", f"train.max_steps={STEPS}", "optim.lr=0.01", "optim.galore_rank=8",
          "optim.galore_update_proj_gap=5", "velora.targets=none"]
 OPTIMIZERS = ("adafactor", "galore_adamw", "galore_adafactor")
-CASES = [(name, stage) for name in OPTIMIZERS for stage in (1, 2)]
+CASES = [(name, stage) for name in OPTIMIZERS for stage in (1, 2, 3)]
 
 
 def _config(name, stage, world):
@@ -59,25 +59,27 @@ def _train(engine, first, last, rank, world):
 
 
 def _layout_facts(engine):
-    """What the DeepSpeed internals we pin say, and whether they mean it: each piece of the flat partition
-    equals that range of the (fp32, ZeRO 1/2: unpartitioned) model parameter."""
+    """What the DeepSpeed internals we pin say, and whether they mean it: the client optimizer steps the flat
+    partitions we map, and each piece of one equals that range of the (fp32, gathered) model parameter."""
+    import deepspeed
+
     from training.zero_layout import partition_layouts
 
-    zero = engine.optimizer
-    groups = zero.optimizer.param_groups
-    facts = {"flat_is_partition": all(g["params"][0] is zero.single_partition_of_fp32_groups[i]
-                                      for i, g in enumerate(groups)),
+    zero, stage = engine.optimizer, engine.zero_optimization_stage()
+    flats = zero.fp32_partitioned_groups_flat if stage == 3 else zero.single_partition_of_fp32_groups
+    stepped = [p for g in zero.optimizer.param_groups for p in g["params"]]
+    facts = {"flat_is_partition": stage == 3 or all(a is b for a, b in zip(stepped, flats)),
              "pieces_match": True, "split": []}
     layouts, params = partition_layouts(engine), dict(engine.module.named_parameters())
-    for group in groups:
-        flat = group["params"][0]
-        layout = layouts[id(flat)]
-        for i, (name, shape) in enumerate(layout.params):
-            if len(layout.holders(i)) > 1:
-                facts["split"].append((name, shape, layout.held[0][i], layout.held[1][i]))
-        for piece in layout.pieces:
-            want = params[piece.name].detach().view(-1).narrow(0, piece.start, piece.numel)
-            facts["pieces_match"] &= torch.equal(piece.of(flat), want)
+    with deepspeed.zero.GatheredParameters(list(params.values()), enabled=stage == 3):
+        for flat in flats:
+            layout = layouts[id(flat)]
+            for i, (name, shape) in enumerate(layout.params):
+                if len(layout.holders(i)) > 1:
+                    facts["split"].append((name, shape, layout.held[0][i], layout.held[1][i]))
+            for piece in layout.pieces:
+                want = params[piece.name].detach().reshape(-1).narrow(0, piece.start, piece.numel)
+                facts["pieces_match"] &= torch.equal(piece.of(flat), want)
     return facts
 
 
@@ -123,8 +125,8 @@ def _worker(rank, world, port, out, cases):
             result = {"losses": _train(engine, 1, STEPS, rank, world)}
             if stage:
                 result.update(layout=_layout_facts(engine), state=_state_shapes(engine.optimizer.optimizer))
-            if stage == 2:
-                result["resumed"] = _resume(cfg, rank, world, out / f"ckpt_{name}")
+            if stage >= 2:
+                result["resumed"] = _resume(cfg, rank, world, out / f"ckpt_{name}_{stage}")
             results[(name, stage)] = result
         torch.save(results, out / f"rank{rank}.pt")
     finally:
@@ -159,10 +161,10 @@ def test_two_processes_match_zero0_with_a_split_matrix(runs, name, stage):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_resume_at_zero2_is_exact(runs, name):
+@pytest.mark.parametrize("name, stage", [(name, stage) for name in OPTIMIZERS for stage in (2, 3)])
+def test_resume_is_exact(runs, name, stage):
     _, ranks = runs
-    result = ranks[0][(name, 2)]
+    result = ranks[0][(name, stage)]
     assert result["resumed"] == {s: result["losses"][s] for s in range(RESUME_AT + 1, STEPS + 1)}
 
 

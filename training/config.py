@@ -112,10 +112,7 @@ class RunConfig:
                 raise ConfigError(f"velora.rank={self.velora.rank} exceeds the sub-token size M={m} of {target} "
                                   f"(width {width}); lower velora.rank or raise velora.sub_token_size")
         ds, name = self.deepspeed, self.optim.name
-        if name.startswith("galore_") and self.zero_stage >= 3:
-            raise ConfigError(f"optim.name={name} cannot run under ZeRO stage 3 (it partitions the parameters "
-                              f"themselves); use --set deepspeed.zero_optimization.stage=2 (or 0 or 1)")
-        if name != "adamw" and self.zero_stage in (1, 2) and ds["zero_optimization"].get("elastic_checkpoint"):
+        if name != "adamw" and self.zero_stage >= 1 and ds["zero_optimization"].get("elastic_checkpoint"):
             raise ConfigError(f"deepspeed.zero_optimization.elastic_checkpoint=true would save none of {name}'s state "
                               f"under ZeRO {self.zero_stage} (it keeps only tensors of the flat partition's shape); "
                               f"remove it")

@@ -1,11 +1,16 @@
 """Optimizers for `optim.name` (the checks that must pass first are RunConfig.validate's).
 
 - `adamw`: torch.optim.AdamW, or DeepSpeed's own when the `deepspeed` section has an "optimizer" key.
-- `adafactor`: torch.optim.Adafactor. Under ZeRO >= 1 DeepSpeed hands it one flattened tensor, so it
-  runs (we set `zero_allow_untested_optimizer`) but no longer factors its second moment.
+- `adafactor`: torch.optim.Adafactor at ZeRO 0. Under ZeRO 1-3, where DeepSpeed hands the optimizer flat
+  tensors, training/zero_adafactor.py's ZeroAdafactor: the same maths with its second moment still
+  factored (row and column statistics all-reduced across the ranks holding a matrix).
 - `galore_adamw` / `galore_adafactor`: galore-torch with GaLore's two parameter groups: the 2-D
   weights of modules whose name contains one of `optim.galore_targets` ("attn", "mlp") get the
-  low-rank projection, every other parameter is optimized as usual.
+  low-rank projection, every other parameter is optimized as usual. Under ZeRO 1-3 the galore-torch
+  optimizer is wrapped in training/zero_galore.py's ZeroGaLore (each matrix stepped whole by one owner).
+
+The ZeRO optimizers learn their partition layout (training/zero_layout.py) from `bind_zero`, which
+build_engine calls after deepspeed.initialize; under ZeRO >= 1 we set `zero_allow_untested_optimizer`.
 """
 from __future__ import annotations
 
@@ -49,13 +54,10 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> tuple[torch.optim
         opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                 weight_decay=o.weight_decay)
     elif o.name == "adafactor":
-        factored = ZeroAdafactor if cfg.zero_stage in (1, 2) else torch.optim.Adafactor
+        factored = ZeroAdafactor if cfg.zero_stage >= 1 else torch.optim.Adafactor
         opt = factored(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-        if cfg.zero_stage in (1, 2):
+        if cfg.zero_stage >= 1:
             notes.append(f"optimizer: adafactor, second moments factored across the ZeRO {cfg.zero_stage} partitions")
-        elif cfg.zero_stage >= 3:
-            notes.append("warning: adafactor under ZeRO 3 sees flattened parameters and stops factoring its "
-                         "second moment (it stays factored under ZeRO 0, 1 and 2)")
     else:
         from galore_torch import GaLoreAdafactor, GaLoreAdamW
 

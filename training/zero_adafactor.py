@@ -1,6 +1,6 @@
-"""torch.optim.Adafactor's maths on ZeRO 1/2 flat partitions, with its second moment still factored.
+"""torch.optim.Adafactor's maths on ZeRO 1-3 flat partitions, with its second moment still factored.
 
-Under ZeRO 1/2 the optimizer sees one flat fp32 tensor per parameter group (training/zero_layout.py says
+Under ZeRO the optimizer sees flat fp32 tensors instead of the parameters (training/zero_layout.py says
 which pieces of which parameters it holds). For a matrix, Adafactor keeps a row vector and a column vector
 of mean squared gradients; a piece of a row-major matrix is at most three rectangular blocks, so each rank
 sums the squares of its blocks into partial row and column sums, and one all-reduce of those (rows + cols
@@ -23,7 +23,7 @@ from .zero_layout import GroupLayout, PartitionOptimizer, Piece, row_blocks
 
 
 class ZeroAdafactor(PartitionOptimizer):
-    """torch.optim.Adafactor (lr, beta2_decay, eps=(eps1, eps2), d, weight_decay) for ZeRO 1/2 partitions;
+    """torch.optim.Adafactor (lr, beta2_decay, eps=(eps1, eps2), d, weight_decay) for ZeRO 1-3 partitions;
     call `bind_zero(partition_layouts(engine))` after deepspeed.initialize and before the first step."""
 
     def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0):

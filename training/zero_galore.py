@@ -1,10 +1,10 @@
-"""galore-torch's GaLoreAdamW / GaLoreAdafactor under ZeRO 1 and 2, each matrix stepped whole by one owner.
+"""galore-torch's GaLoreAdamW / GaLoreAdafactor under ZeRO 1-3, each matrix stepped whole by one owner.
 
-GaLore needs a whole gradient matrix (its projector comes from the gradient's SVD), while ZeRO 1/2 hand the
-optimizer a flat slice of each parameter group (training/zero_layout.py maps it back to parameter pieces).
-The design: every parameter has one owner, the rank holding most of it. A parameter held whole by one rank
-(almost all of them: a partition boundary splits at most one parameter per group and rank) is stepped there,
-on views of the flat partition and its gradient reshaped to the parameter's shape. A split parameter is
+GaLore needs a whole gradient matrix (its projector comes from the gradient's SVD), while ZeRO hands the
+optimizer flat slices of the parameters (training/zero_layout.py maps them back to parameter pieces).
+The design: every parameter has one owner, the rank holding most of it. A parameter held whole by one
+rank (under ZeRO 1/2 almost all of them: a partition boundary splits at most one parameter per group and
+rank) is stepped there, on views of the flat partition and its gradient in the parameter's shape. A split one is
 reassembled on its owner (its weights and gradient reduced from the pieces), stepped there, and the new
 weights are broadcast so that every holder copies back its piece. The step itself is galore-torch's own
 `step`, run on that one parameter with this parameter's state, so the maths (projector from the SVD every
@@ -17,7 +17,8 @@ which keeps the whole factor alive; we keep a copy of the slice. Optimizer state
 
 Muon in DeepSpeed 0.19 gathers whole matrices inside the ZeRO optimizer (hooks in stage_1_and_2.py for its
 own MuonWithAuxAdam); that path is closed to a client optimizer, so this uses DeepSpeed's public fragment
-map instead. ZeRO 3 is not supported (see zero_layout).
+map instead. Under ZeRO 3 every parameter is split across all ranks, so every matrix is reassembled on its
+owner each step (owners alternate between ranks): correct, at the price of that traffic.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from .zero_layout import GroupLayout, PartitionOptimizer
 
 class ZeroGaLore(PartitionOptimizer):
     """Run the galore-torch optimizer `inner` (built on the model's parameter groups, never stepped itself)
-    on ZeRO 1/2 flat partitions; call `bind_zero(partition_layouts(engine))` before the first step."""
+    on ZeRO 1-3 flat partitions; call `bind_zero(partition_layouts(engine))` before the first step."""
 
     def __init__(self, inner: torch.optim.Optimizer):
         from galore_torch import GaLoreAdamW

@@ -1,19 +1,24 @@
-"""Shape recovery under ZeRO 1 and 2: which (parameter, element range) pieces a rank's flat fp32 partition holds.
+"""Shape recovery under ZeRO 1, 2 and 3: which (parameter, element range) pieces a rank's flat fp32 partition holds.
 
-ZeRO 1/2 replace each parameter group of the client optimizer by one flat fp32 tensor, this rank's slice of
-the group's parameters laid end to end. DeepSpeed keeps the map back to the parameters for its universal
-checkpoints, and we read it rather than recompute it: after `deepspeed.initialize`, every model parameter
-`lp` of group i has `lp._hp_mapping`, a `tensor_fragment` that is None when this rank holds none of `lp`, whose
-`lp_fragment_address` (start, numel) is the range of the flattened parameter held here and whose
-`hp_fragment_address` (start, numel) is where that range sits in the flat partition, and DeepSpeed's ZeRO
-optimizer lists group i's parameters, in the same order on every rank, in `bit16_groups[i]` (the model's
-own parameters in fp32) and its flat partition in `single_partition_of_fp32_groups[i]`. One all-gather at
-bind time tells every rank how much of each parameter every other rank holds, so they all agree on who holds
-what and on an owner per parameter (the rank holding most of it, the lowest such rank on a tie).
+ZeRO replaces each parameter group of the client optimizer by flat fp32 tensors, this rank's share of the
+group's parameters laid end to end, and the optimizer steps those.
 
-ZeRO 3 is not supported: it partitions parameters themselves into sub-groups that the optimizer steps one at
-a time, with another map (`ds_tensor`); `partition_layouts` refuses it. The DeepSpeed names used here are in
-`PINNED`; tests/test_training_zero_optim.py checks that they exist and mean what is said above.
+ZeRO 1/2 cut the group's flattened parameters into one contiguous range per rank. DeepSpeed keeps the map
+back to the parameters for its universal checkpoints, and we read it rather than recompute it: after
+`deepspeed.initialize`, every model parameter `lp` of group i has `lp._hp_mapping`, a `tensor_fragment` that
+is None when this rank holds none of `lp`, whose `lp_fragment_address` (start, numel) is the range of the
+flattened parameter held here and whose `hp_fragment_address` (start, numel) is where that range sits in the
+flat partition; the ZeRO optimizer lists group i's parameters, in the same order on every rank, in
+`bit16_groups[i]` and its flat partition in `single_partition_of_fp32_groups[i]`.
+
+ZeRO 3 cuts every parameter into world-size equal slices (`param.ds_tensor`, the last one zero-padded;
+`ds_numel`, `ds_shape` describe the whole), and steps one sub-group at a time: `fp32_partitioned_groups_flat[k]`
+is the slices of the parameters `fp16_groups[k]`, in order. Every matrix is then split across all ranks.
+
+One all-gather at bind time tells every rank how much of each parameter every other rank holds, so they
+all agree on who holds what and on an owner per parameter (see GroupLayout.owner); it also checks that
+the pieces tile every parameter. The DeepSpeed names used here are in `PINNED`;
+tests/test_training_zero_optim.py checks that they exist and mean what is said above.
 """
 from __future__ import annotations
 
@@ -24,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 PINNED = {"engine.optimizer": ("bit16_groups", "single_partition_of_fp32_groups", "real_dp_process_group"),
-          "parameter": ("_hp_mapping",),
+          "engine.optimizer (ZeRO 3)": ("fp16_groups", "fp32_partitioned_groups_flat", "dp_process_group"),
+          "parameter": ("_hp_mapping",), "parameter (ZeRO 3)": ("ds_tensor", "ds_numel", "ds_shape"),
           "_hp_mapping": ("lp_fragment_address", "hp_fragment_address"),
           "fragment_address": ("start", "numel")}
 
@@ -73,47 +79,79 @@ class GroupLayout:
         return [r for r, counts in enumerate(self.held) if counts[index] > 0]
 
     def owner(self, index: int) -> int:
-        """The rank (in `group`) that holds most of parameter `index`; the lowest one on a tie."""
+        """The rank (in `group`) that holds most of parameter `index`; on a tie (ZeRO 3 cuts every parameter
+        into equal slices) the tied ranks take turns by parameter index, spreading the owners."""
         counts = [counts[index] for counts in self.held]
-        return counts.index(max(counts))
+        tied = [r for r, c in enumerate(counts) if c == max(counts)]
+        return tied[index % len(tied)]
 
     def global_rank(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group, group_rank) if self.group is not None else group_rank
 
 
 def partition_layouts(engine) -> dict[int, GroupLayout]:
-    """The layout of every parameter group of `engine`'s ZeRO 1/2 optimizer, keyed by id() of the group's
-    flat partition (the tensor the client optimizer finds in its param_groups)."""
-    stage = engine.zero_optimization_stage()
-    if stage not in (1, 2):
-        raise ValueError(f"partition layouts exist under ZeRO 1 and 2 only, not stage {stage}")
-    zero = engine.optimizer
+    """The layout of every flat partition that `engine`'s ZeRO 1, 2 or 3 optimizer steps, keyed by id() of
+    that flat tensor (the one the client optimizer finds in its param_groups)."""
+    stage, zero = engine.zero_optimization_stage(), engine.optimizer
+    if stage in (1, 2):
+        groups = [(zero.single_partition_of_fp32_groups[i], zero.real_dp_process_group[i], params,
+                   _fragment_pieces(params)) for i, params in enumerate(zero.bit16_groups)]
+    elif stage == 3:
+        rank = dist.get_rank(zero.dp_process_group)
+        groups = [(flat, zero.dp_process_group, params, _stage3_pieces(params, rank, flat))
+                  for flat, params in zip(zero.fp32_partitioned_groups_flat, zero.fp16_groups)]
+    else:
+        raise ValueError(f"partition layouts exist under ZeRO 1, 2 and 3, not stage {stage}")
     names = {id(p): n for n, p in engine.module.named_parameters()}
-    layouts = {}
-    for i, params in enumerate(zero.bit16_groups):
-        flat, group = zero.single_partition_of_fp32_groups[i], zero.real_dp_process_group[i]
-        pieces = []
-        for index, lp in enumerate(params):
-            mapping = getattr(lp, "_hp_mapping", None)
-            if mapping is not None:
-                pieces.append(Piece(names[id(lp)], tuple(lp.shape), index, mapping.lp_fragment_address.start,
-                                    mapping.hp_fragment_address.start, mapping.lp_fragment_address.numel))
-        mine = torch.zeros(len(params), dtype=torch.int64)
-        for p in pieces:
-            mine[p.index] = p.numel
-        held = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(held, mine, group=group)
-        torn = [names[id(p)] for i, p in enumerate(params) if sum(int(h[i]) for h in held) != p.numel()]
-        if torn:
-            raise RuntimeError(f"DeepSpeed's _hp_mapping does not tile {torn[0]} across the ranks: this DeepSpeed "
-                               f"is not the one training/zero_layout.py was written for")
-        layouts[id(flat)] = GroupLayout([(names[id(p)], tuple(p.shape)) for p in params], pieces,
-                                        [h.tolist() for h in held], group, dist.get_rank(group))
-    return layouts
+    return {id(flat): _layout(params, pieces, group, names) for flat, group, params, pieces in groups}
+
+
+def _fragment_pieces(params) -> list[tuple]:
+    """ZeRO 1/2: (index, start, flat start, numel) of this rank's pieces, from DeepSpeed's fragment map."""
+    pieces = []
+    for index, lp in enumerate(params):
+        mapping = getattr(lp, "_hp_mapping", None)
+        if mapping is not None:
+            pieces.append((index, mapping.lp_fragment_address.start, mapping.hp_fragment_address.start,
+                           mapping.lp_fragment_address.numel))
+    return pieces
+
+
+def _stage3_pieces(params, rank: int, flat: torch.Tensor) -> list[tuple]:
+    """ZeRO 3: every parameter is cut into world-size equal slices (the last one zero-padded); this rank's
+    slice `ds_tensor` starts at rank x its size, and the sub-group's flat partition is those slices in order."""
+    pieces, at = [], 0
+    for index, p in enumerate(params):
+        size = p.ds_tensor.numel()
+        held = max(0, min(size, p.ds_numel - rank * size))
+        if held:
+            pieces.append((index, rank * size, at, held))
+        at += size
+    if at != flat.numel():
+        raise RuntimeError(f"ZeRO 3's flat partition has {flat.numel()} elements, its parameters' slices {at}: this "
+                           f"DeepSpeed is not the one training/zero_layout.py was written for")
+    return pieces
+
+
+def _layout(params, pieces: list[tuple], group, names: dict) -> GroupLayout:
+    shapes = [tuple(getattr(p, "ds_shape", p.shape)) for p in params]
+    mine = torch.zeros(len(params), dtype=torch.int64)
+    for index, _, _, numel in pieces:
+        mine[index] = numel
+    held = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(held, mine, group=group)
+    torn = [names[id(p)] for i, p in enumerate(params) if sum(int(h[i]) for h in held) != math.prod(shapes[i])]
+    if torn:
+        raise RuntimeError(f"the ranks' pieces do not tile {torn[0]}: this DeepSpeed is not the one "
+                           f"training/zero_layout.py was written for")
+    return GroupLayout([(names[id(p)], shape) for p, shape in zip(params, shapes)],
+                       [Piece(names[id(params[i])], shapes[i], i, start, flat_start, numel)
+                        for i, start, flat_start, numel in pieces],
+                       [h.tolist() for h in held], group, dist.get_rank(group))
 
 
 class PartitionOptimizer(torch.optim.Optimizer):
-    """Base of the client optimizers for ZeRO 1/2: `bind_zero(partition_layouts(engine))` after
+    """Base of the client optimizers for ZeRO 1-3: `bind_zero(partition_layouts(engine))` after
     deepspeed.initialize, then each step calls `_step_partition(group, flat, layout)` per flat partition."""
 
     def __init__(self, params, defaults: dict):
