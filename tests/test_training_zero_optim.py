@@ -1,9 +1,10 @@
 """Adafactor and GaLore under ZeRO 1-3 (training/zero_layout.py, zero_adafactor.py, zero_galore.py).
 
-Two gloo processes build tiny models through build_engine and train 20 steps on fixed random batches (each
-rank half of the global batch); one process at ZeRO 0 runs torch.optim.Adafactor / galore-torch itself on the
-whole batch. One spawn of each runs every case in turn (DeepSpeed starts once), and each process saves what
-the assertions need. The model has 3 layers so that a partition boundary falls inside a matrix.
+Two gloo processes build tiny models through build_engine and train 20 steps on fixed batches of random
+arithmetic sequences (each rank half of the global batch); one process at ZeRO 0 runs torch.optim.Adafactor /
+galore-torch itself on the whole batch. One spawn of each runs every case in turn (DeepSpeed starts once),
+and each process saves what the assertions need. The model has 3 layers so that a ZeRO 1/2 partition
+boundary falls inside a matrix (ZeRO 3 splits every one). fp32, plus two bf16 cases that must track fp32.
 """
 import math
 import os
@@ -23,12 +24,13 @@ SMALL = ["model.hidden_size=64", "model.intermediate_size=160", "model.num_hidde
          "optim.galore_update_proj_gap=5", "velora.targets=none"]
 OPTIMIZERS = ("adafactor", "galore_adamw", "galore_adafactor")
 CASES = [(name, stage) for name in OPTIMIZERS for stage in (1, 2, 3)]
+BF16_CASES = [("adafactor", 2, "bf16"), ("galore_adamw", 3, "bf16")]
 
 
-def _config(name, stage, world):
+def _config(name, stage, world, bf16=False):
     from training.config import load_config
 
-    return load_config("configs/llama_tiny.json", SMALL + [
+    return load_config("configs/llama_tiny.json", SMALL + [f"deepspeed.bf16.enabled={str(bf16).lower()}",
         f"optim.name={name}", f"deepspeed.zero_optimization.stage={stage}", f"deepspeed.train_batch_size={BATCH}",
         f"deepspeed.train_micro_batch_size_per_gpu={BATCH // world}"])
 
@@ -119,10 +121,13 @@ def _worker(rank, world, port, out, cases):
     deepspeed.init_distributed(dist_backend="gloo")
     try:
         results = {}
-        for name, stage in cases:
-            cfg = _config(name, stage, world)
+        for name, stage, *bf16 in cases:
+            cfg = _config(name, stage, world, bool(bf16))
             engine = _engine(cfg)
             result = {"losses": _train(engine, 1, STEPS, rank, world)}
+            if bf16:
+                results[(name, stage, *bf16)] = result
+                continue
             if stage:
                 result.update(layout=_layout_facts(engine), state=_state_shapes(engine.optimizer.optimizer))
             if stage >= 2:
@@ -142,7 +147,7 @@ def _spawn(tmp_path, world, cases):
 def runs(tmp_path_factory):
     """(one-process ZeRO 0 results, [rank 0, rank 1] two-process ZeRO 1/2 results)."""
     reference = _spawn(tmp_path_factory.mktemp("zero0"), 1, [(name, 0) for name in OPTIMIZERS])[0]
-    return reference, _spawn(tmp_path_factory.mktemp("zero12"), 2, CASES)
+    return reference, _spawn(tmp_path_factory.mktemp("zero123"), 2, CASES + BF16_CASES)
 
 
 @pytest.mark.slow
@@ -157,6 +162,15 @@ def test_two_processes_match_zero0_with_a_split_matrix(runs, name, stage):
     for step in got:
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-5), (step, got, want)
     assert want[STEPS] < want[1] - 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", BF16_CASES)
+def test_bf16_runs_and_tracks_fp32(runs, case):
+    reference, ranks = runs
+    got, want = ranks[0][case]["losses"], reference[(case[0], 0)]["losses"]
+    assert all(abs(got[s] - want[s]) < 2e-2 for s in want), (got, want)
 
 
 @pytest.mark.slow
