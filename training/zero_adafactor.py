@@ -95,23 +95,23 @@ def _add_partial_sums(stats: torch.Tensor, at: int, piece: Piece, flat: torch.Te
 
 def _scaled_update(piece: Piece, state: dict, flat: torch.Tensor, stats: torch.Tensor, at: int,
                    beta2_decay: float, eps1: float) -> torch.Tensor:
-    """Adafactor's update for this piece (grad / sqrt(second moment)), before the step size and clipping;
-    updates the second-moment state."""
+    """Adafactor's update for this piece (grad / sqrt(second moment)), before the step size and clipping,
+    written over the piece's gradient (not needed after the step: this keeps every piece's update without a
+    partition-size buffer); updates the second-moment state."""
     weight = state["step"].item() ** beta2_decay
     grad = piece.of(flat.grad)
     if len(piece.shape) == 1:
         state["variance"].lerp_(grad * grad, weight)
-        return state["variance"].clone().clamp_(min=eps1 * eps1).rsqrt_().mul_(grad)
+        return grad.mul_(state["variance"].clamp(min=eps1 * eps1).rsqrt_())
     rows, cols = piece.shape
     state["row_var"].lerp_(stats.narrow(0, at + 1, rows).view(rows, 1) / cols, weight)
     state["col_var"].lerp_(stats.narrow(0, at + 1 + rows, cols).view(1, cols) / rows, weight)
     row_mean = state["row_var"].mean(dim=-2, keepdim=True).clamp_(min=eps1)
-    update = torch.empty_like(grad)
     for offset, row, n_rows, col, n_cols in row_blocks(piece.start, piece.numel, cols):
         var = state["row_var"].narrow(0, row, n_rows) @ state["col_var"].narrow(1, col, n_cols)
-        block = update.narrow(0, offset, n_rows * n_cols).view(n_rows, n_cols)
-        block.copy_(var.div_(row_mean).clamp_(min=eps1 * eps1).rsqrt_())
-    return update.mul_(grad)
+        inv_sqrt = var.div_(row_mean).clamp_(min=eps1 * eps1).rsqrt_()
+        grad.narrow(0, offset, n_rows * n_cols).view(n_rows, n_cols).mul_(inv_sqrt)
+    return grad
 
 
 def _all_reduce(t: torch.Tensor, layout: GroupLayout) -> None:
