@@ -97,8 +97,8 @@ def partition_layouts(engine) -> dict[int, GroupLayout]:
         groups = [(zero.single_partition_of_fp32_groups[i], zero.real_dp_process_group[i], params,
                    _fragment_pieces(params)) for i, params in enumerate(zero.bit16_groups)]
     elif stage == 3:
-        rank = dist.get_rank(zero.dp_process_group)
-        groups = [(flat, zero.dp_process_group, params, _stage3_pieces(params, rank, flat))
+        rank, world = dist.get_rank(zero.dp_process_group), dist.get_world_size(zero.dp_process_group)
+        groups = [(flat, zero.dp_process_group, params, _stage3_pieces(params, rank, world, flat))
                   for flat, params in zip(zero.fp32_partitioned_groups_flat, zero.fp16_groups)]
     else:
         raise ValueError(f"partition layouts exist under ZeRO 1, 2 and 3, not stage {stage}")
@@ -117,12 +117,15 @@ def _fragment_pieces(params) -> list[tuple]:
     return pieces
 
 
-def _stage3_pieces(params, rank: int, flat: torch.Tensor) -> list[tuple]:
+def _stage3_pieces(params, rank: int, world: int, flat: torch.Tensor) -> list[tuple]:
     """ZeRO 3: every parameter is cut into world-size equal slices (the last one zero-padded); this rank's
     slice `ds_tensor` starts at rank x its size, and the sub-group's flat partition is those slices in order."""
     pieces, at = [], 0
     for index, p in enumerate(params):
         size = p.ds_tensor.numel()
+        if size != -(-p.ds_numel // world):     # hierarchical (hpZ, MiCS) partitioning slices otherwise
+            raise RuntimeError(f"ZeRO 3 slice of {size} elements for a parameter of {p.ds_numel} over {world} "
+                               f"ranks: only plain ZeRO 3 partitioning is supported by training/zero_layout.py")
         held = max(0, min(size, p.ds_numel - rank * size))
         if held:
             pieces.append((index, rank * size, at, held))
