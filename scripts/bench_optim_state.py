@@ -1,14 +1,14 @@
 """Optimizer state per rank under ZeRO, exact tensor bytes, for docs/BENCHMARKS.md (CPU, gloo).
 
-    python scripts/bench_optim_state.py --config configs/llama_60m.json
+    python scripts/bench_optim_state.py --config configs/llama_60m.json --stages 0 2 3
 
-For each optimizer (AdamW, Adafactor, GaLore AdamW by default) and each layout (ZeRO 0 on one process,
-ZeRO 2 on --world processes) it builds the run's model through build_engine, takes --steps optimizer steps
-on random tokens (batch 1 x --seq-len per rank, fp32) and counts every tensor reachable from the client
-optimizer's state on each rank (GaLore's projectors included, and also reported alone). ZeRO's own fp32
-partition of the weights is not optimizer state and is not counted. Prints a Markdown table and the
-issue's two goals: Adafactor at ZeRO 2 below 5% of AdamW at ZeRO 2, and GaLore at ZeRO 2 below its ZeRO 0
-state / world size + its projectors.
+For each optimizer (AdamW, Adafactor, GaLore AdamW by default) and each layout (--stages: ZeRO 0 on one
+process, ZeRO 1-3 on --world processes; default 0 and 2) it builds the run's model through build_engine,
+takes --steps optimizer steps on random tokens (batch 1 x --seq-len per rank, fp32) and counts every
+tensor reachable from the client optimizer's state on each rank (GaLore's projectors included, and also
+reported alone). ZeRO's own fp32 partition of the weights is not optimizer state and is not counted.
+Prints a Markdown table and the issue's two goals: Adafactor at ZeRO 2 below 5% of AdamW at ZeRO 2,
+and GaLore at ZeRO 2 below its ZeRO 0 state / world size + its projectors.
 """
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ def _worker(rank, world, stage, port, args, out):
 def measure_all(args, out: Path) -> dict:
     """{(optimizer, stage): [(state bytes, projector bytes) per rank]}."""
     found = {}
-    for stage, world in ((0, 1), (2, args.world)):
+    for stage in args.stages:
+        world = 1 if stage == 0 else args.world
         mp.spawn(_worker, args=(world, stage, free_port(), args, out), nprocs=world, join=True)
         ranks = [torch.load(out / f"stage{stage}_rank{r}.pt") for r in range(world)]
         for name in args.optimizers:
@@ -104,7 +105,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/llama_60m.json")
     p.add_argument("--optimizers", nargs="+", default=["adamw", "adafactor", "galore_adamw"])
-    p.add_argument("--world", type=int, default=2)
+    p.add_argument("--world", type=int, default=2, help="processes for the ZeRO >= 1 layouts")
+    p.add_argument("--stages", type=int, nargs="+", default=[0, 2], choices=[0, 1, 2, 3])
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--out", default=None, help="where the ranks leave their numbers (default: a temporary dir)")
