@@ -263,3 +263,17 @@ def test_row_blocks_tile_a_flat_range_into_rectangles(start, numel):
         assert torch.equal(block, matrix[row:row + n_rows, col:col + n_cols])
         covered += block.flatten().tolist()
     assert covered == piece.tolist() and len(list(row_blocks(start, numel, cols))) <= 3
+
+
+def test_bench_optim_state_report_checks_the_goals():
+    from types import SimpleNamespace
+
+    from bench_optim_state import report
+
+    found = {("adamw", 0): [(800, 0)], ("adafactor", 0): [(10, 0)], ("galore_adamw", 0): [(600, 100)],
+             ("adamw", 2): [(400, 0), (400, 0)], ("adafactor", 2): [(5, 0), (30, 0)],
+             ("galore_adamw", 2): [(320, 25), (300, 25)]}
+    lines = report(found, SimpleNamespace(world=2))
+    assert "| adafactor | 2 | 2 | 5 / 30 | 0.00 | 0.00 | 0.0750 |" in lines
+    assert "(goal < 0.05: missed)" in lines[-2] and "ZeRO 0 state / 2 + projectors: 350 bytes" in lines[-1]
+    assert lines[-1].endswith("(goal: below it: met)")
