@@ -222,8 +222,8 @@ class Plan:
     def run(self, method: str, lr: float, seed: int) -> dict:
         m = METHODS[method]
         opt = (["optim.name=galore_adamw", f"optim.galore_rank={self.galore_rank}",
-                f"optim.galore_update_proj_gap={self.galore_gap}", "optim.galore_scale=0.25",
-                "deepspeed.zero_optimization.stage=0"] if m.galore else ["optim.name=adamw"])
+                f"optim.galore_update_proj_gap={self.galore_gap}", "optim.galore_scale=0.25"]
+               if m.galore else ["optim.name=adamw"])
         name = method + (f"_lr{lr:.4g}" if self.lr_sweep else "") + (f"_s{seed}" if len(self.seeds) > 1 else "")
         sets = self.common + opt + m.sets + self.per_method.get(method, []) + [
             f"optim.lr={lr!r}", f"train.seed={seed}", f"data.seed={seed}", f"velora.seed={seed}",
@@ -348,7 +348,7 @@ def _best_lr(done: dict, method: str, n_seeds: int) -> float | None:
     return min(finite, key=finite.get) if finite else None
 
 
-def _state_bytes(obj, seen: set) -> int:
+def state_bytes(obj, seen: set) -> int:
     """Bytes of every tensor reachable from an optimizer state (GaLore keeps its projector as an object)."""
     if isinstance(obj, torch.Tensor):
         key = obj.untyped_storage().data_ptr()
@@ -357,11 +357,11 @@ def _state_bytes(obj, seen: set) -> int:
         seen.add(key)
         return obj.untyped_storage().nbytes()
     if isinstance(obj, dict):
-        return sum(_state_bytes(v, seen) for v in obj.values())
+        return sum(state_bytes(v, seen) for v in obj.values())
     if isinstance(obj, (list, tuple)):
-        return sum(_state_bytes(v, seen) for v in obj)
+        return sum(state_bytes(v, seen) for v in obj)
     if hasattr(obj, "__dict__"):
-        return sum(_state_bytes(v, seen) for v in vars(obj).values())
+        return sum(state_bytes(v, seen) for v in vars(obj).values())
     return 0
 
 
@@ -372,7 +372,8 @@ def measure(run, measure_batch: int) -> dict:
     from training.build import build_model, seed_everything
     from velora.memory import measure_step
 
-    cfg = load_config(run["config"], run["sets"])
+    # One process without DeepSpeed: the ZeRO 1/2 optimizers need an engine's partition layout.
+    cfg = load_config(run["config"], run["sets"] + ["deepspeed.zero_optimization.stage=0"])
     micro = resolve_batch(cfg.deepspeed, 1)[1]
     b = min(micro, measure_batch)
     seed_everything(cfg.train.seed)
@@ -386,7 +387,7 @@ def measure(run, measure_batch: int) -> dict:
     loss.backward()
     optimizer.step()
     return {"param_bytes": rep["parameters"], "grad_bytes": rep["gradients"],
-            "optim_state_bytes": _state_bytes(optimizer.state, set()),
+            "optim_state_bytes": state_bytes(optimizer.state, set()),
             "saved_bytes_micro": rep["saved_total"] * micro / b, "saved_measured_batch": b, "micro_batch": micro,
             "saved_by_category_micro": {k: v * micro / b for k, v in rep["saved"].items()}}
 

@@ -5,6 +5,8 @@ import torch
 from model import LlamaConfig, LlamaForCausalLM
 from training.config import ConfigError, load_config
 from training.optim import build_optimizer, galore_param_groups
+from training.zero_adafactor import ZeroAdafactor
+from training.zero_galore import ZeroGaLore
 
 TINY = "configs/llama_tiny.json"
 SMALL = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2",
@@ -49,13 +51,18 @@ def test_galore_targets_matching_nothing():
         galore_param_groups(small_model(), cfg.optim)
 
 
+@pytest.mark.parametrize("name", ["galore_adamw", "galore_adafactor"])
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_galore_under_zero_is_refused_with_the_fix(stage):
-    with pytest.raises(ConfigError) as e:
-        load_config(TINY, ["optim.name=galore_adamw", f"deepspeed.zero_optimization.stage={stage}"])
-    assert str(e.value) == (f"optim.name=galore_adamw cannot run under ZeRO stage {stage}: GaLore projects 2-D "
-                            f"gradients and ZeRO >= 1 hands the optimizer flattened ones; use "
-                            f"--set deepspeed.zero_optimization.stage=0")
+def test_galore_under_zero_is_wrapped(name, stage):
+    cfg = load_config(TINY, SMALL + [f"optim.name={name}", f"deepspeed.zero_optimization.stage={stage}"])
+    opt, ds, _ = build_optimizer(small_model(), cfg)
+    assert isinstance(opt, ZeroGaLore) and ds["zero_allow_untested_optimizer"] is True
+
+
+def test_elastic_checkpoint_is_refused_for_the_zero_partition_optimizers():
+    with pytest.raises(ConfigError, match="elastic_checkpoint=true would save none of adafactor's state under ZeRO 2"):
+        load_config(TINY, ["optim.name=adafactor", "deepspeed.zero_optimization.stage=2",
+                           "deepspeed.zero_optimization.elastic_checkpoint=true"])
 
 
 def test_deepspeed_optimizer_only_with_adamw_and_no_deepspeed_scheduler():
@@ -75,11 +82,14 @@ def test_adamw_and_deepspeed_built_optimizer():
     assert opt is None and "DeepSpeed's AdamW" in notes[0]
 
 
-def test_adafactor_under_zero_allows_untested_optimizer_and_warns():
-    cfg = load_config(TINY, SMALL + ["optim.name=adafactor", "deepspeed.zero_optimization.stage=2"])
+@pytest.mark.parametrize("stage, cls, note", [(0, torch.optim.Adafactor, None),
+                                              (2, ZeroAdafactor, "second moments factored across the ZeRO 2"),
+                                              (3, ZeroAdafactor, "second moments factored across the ZeRO 3")])
+def test_adafactor_per_zero_stage(stage, cls, note):
+    cfg = load_config(TINY, SMALL + ["optim.name=adafactor", f"deepspeed.zero_optimization.stage={stage}"])
     opt, ds, notes = build_optimizer(small_model(), cfg)
-    assert isinstance(opt, torch.optim.Adafactor)
-    assert ds["zero_allow_untested_optimizer"] is True and "needs ZeRO stage 0" in notes[0]
+    assert type(opt) is cls and (note in notes[0] if note else not notes)
+    assert ds.get("zero_allow_untested_optimizer") is (True if stage else None)
     assert "zero_allow_untested_optimizer" not in cfg.deepspeed
 
 

@@ -12,6 +12,7 @@ from model import LlamaForCausalLM
 from .config import RunConfig
 from .optim import build_optimizer
 from .schedule import build_scheduler
+from .zero_layout import partition_layouts
 
 
 def seed_everything(seed: int) -> None:
@@ -39,4 +40,6 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig):
     scheduler = partial(build_scheduler, optim_cfg=cfg.optim, max_steps=cfg.train.max_steps)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds,
                                       model_parameters=model.parameters() if optimizer is None else None)
+    if hasattr(optimizer, "bind_zero"):
+        optimizer.bind_zero(partition_layouts(engine))
     return engine, notes

@@ -120,10 +120,10 @@ class RunConfig:
                 raise ConfigError(f"velora.rank={self.velora.rank} exceeds the sub-token size M={m} of {target} "
                                   f"(width {width}); lower velora.rank or raise velora.sub_token_size")
         ds, name = self.deepspeed, self.optim.name
-        if name.startswith("galore_") and self.zero_stage >= 1:
-            raise ConfigError(f"optim.name={name} cannot run under ZeRO stage {self.zero_stage}: GaLore projects 2-D "
-                              f"gradients and ZeRO >= 1 hands the optimizer flattened ones; use "
-                              f"--set deepspeed.zero_optimization.stage=0")
+        if name != "adamw" and self.zero_stage >= 1 and ds["zero_optimization"].get("elastic_checkpoint"):
+            raise ConfigError(f"deepspeed.zero_optimization.elastic_checkpoint=true would save none of {name}'s state "
+                              f"under ZeRO {self.zero_stage} (it keeps only tensors of the flat partition's shape); "
+                              f"remove it")
         if "optimizer" in ds and name != "adamw":
             raise ConfigError(f"deepspeed.optimizer is set, so DeepSpeed builds its own optimizer, but optim.name="
                               f"{name}; remove deepspeed.optimizer or use optim.name=adamw")

@@ -1,11 +1,16 @@
 """Optimizers for `optim.name` (the checks that must pass first are RunConfig.validate's).
 
 - `adamw`: torch.optim.AdamW, or DeepSpeed's own when the `deepspeed` section has an "optimizer" key.
-- `adafactor`: torch.optim.Adafactor. Under ZeRO >= 1 DeepSpeed hands it one flattened tensor, so it
-  runs (we set `zero_allow_untested_optimizer`) but no longer factors its second moment.
+- `adafactor`: torch.optim.Adafactor at ZeRO 0. Under ZeRO 1-3, where DeepSpeed hands the optimizer flat
+  tensors, training/zero_adafactor.py's ZeroAdafactor: the same maths with its second moment still
+  factored (row and column statistics all-reduced across the ranks holding a matrix).
 - `galore_adamw` / `galore_adafactor`: galore-torch with GaLore's two parameter groups: the 2-D
   weights of modules whose name contains one of `optim.galore_targets` ("attn", "mlp") get the
-  low-rank projection, every other parameter is optimized as usual.
+  low-rank projection, every other parameter is optimized as usual. Under ZeRO 1-3 the galore-torch
+  optimizer is wrapped in training/zero_galore.py's ZeroGaLore (each matrix stepped whole by one owner).
+
+The ZeRO optimizers learn their partition layout (training/zero_layout.py) from `bind_zero`, which
+build_engine calls after deepspeed.initialize; under ZeRO >= 1 we set `zero_allow_untested_optimizer`.
 """
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ import torch
 
 from .config import RunConfig
 from .errors import ConfigError
-
+from .zero_adafactor import ZeroAdafactor
+from .zero_galore import ZeroGaLore
 
 
 def galore_param_groups(model: torch.nn.Module, optim_cfg) -> list[dict]:
@@ -58,11 +64,10 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> tuple[torch.optim
         opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                 weight_decay=o.weight_decay)
     elif o.name == "adafactor":
-        opt = torch.optim.Adafactor(params, lr=o.lr, weight_decay=o.weight_decay)
+        factored = ZeroAdafactor if cfg.zero_stage >= 1 else torch.optim.Adafactor
+        opt = factored(params, lr=o.lr, weight_decay=o.weight_decay)
         if cfg.zero_stage >= 1:
-            ds["zero_allow_untested_optimizer"] = True
-            notes.append("warning: adafactor under ZeRO >= 1 sees flattened parameters and stops factoring its "
-                         "second moment (its memory advantage needs ZeRO stage 0)")
+            notes.append(f"optimizer: adafactor, second moments factored across the ZeRO {cfg.zero_stage} partitions")
     else:
         from galore_torch import GaLoreAdafactor, GaLoreAdamW
 
@@ -74,6 +79,10 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> tuple[torch.optim
             opt = GaLoreAdafactor(groups, lr=o.lr, weight_decay=o.weight_decay, relative_step=False,
                                   scale_parameter=False, warmup_init=False)
         n = sum(p.numel() for p in groups[1]["params"])
+        if cfg.zero_stage >= 1:
+            opt = ZeroGaLore(opt)
         notes.append(f"optimizer: {o.name}, rank {o.galore_rank}, update_proj_gap {o.galore_update_proj_gap}, "
                      f"scale {o.galore_scale}, {len(groups[1]['params'])} projected matrices ({n / 1e6:.2f}M params)")
+    if cfg.zero_stage >= 1 and o.name != "adamw":
+        ds["zero_allow_untested_optimizer"] = True
     return opt, ds, notes
