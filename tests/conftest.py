@@ -54,10 +54,15 @@ def env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def train(out: Path, *sets: str, args=(), launcher=(), steps=STEPS, check=True) -> subprocess.CompletedProcess:
+def train_cmd(out: Path, *sets: str, args=(), launcher=(), steps=STEPS) -> list[str]:
+    """The train_c4.py command line of a tiny run (run it with cwd=REPO, env=env())."""
     overrides = [*TINY, f"train.max_steps={steps}", f"train.output_dir={out}", *sets]
-    cmd = [*(launcher or [sys.executable]), "train_c4.py", "--config", "configs/llama_tiny.json",
-           *[a for s in overrides for a in ("--set", s)], *args]
+    return [*(launcher or [sys.executable]), "train_c4.py", "--config", "configs/llama_tiny.json",
+            *[a for s in overrides for a in ("--set", s)], *args]
+
+
+def train(out: Path, *sets: str, args=(), launcher=(), steps=STEPS, check=True) -> subprocess.CompletedProcess:
+    cmd = train_cmd(out, *sets, args=args, launcher=launcher, steps=steps)
     p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
