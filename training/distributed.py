@@ -82,6 +82,9 @@ def init_distributed(local_rank_arg: int | None = None) -> DistInfo:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+    # Imported here, before the watcher thread starts: that thread importing it (setuptools, via
+    # _distutils_hack) while DeepSpeed imports distutils here deadlocked on the import locks (seen).
+    from torch.utils import cpp_extension  # noqa: F401
     done = threading.Event()
     threading.Thread(target=_warn_if_waiting_on_build_lock, args=(done,), daemon=True).start()
     try:
