@@ -412,9 +412,10 @@ def read_log(run_dir: Path) -> dict:
         last = evals[-1]
         out.update(val_loss=last["loss"], val_ppl=last["ppl"], val_galore_ppl=last["galore_ppl"],
                    eval_tokens=last["tokens"], steps=last["step"])
-        seen = {r["step"]: r["tokens_seen"] for r in train}
-        per_step = train[-1]["tokens_seen"] / train[-1]["step"] if train else 0
-        out["curve"] = [(seen.get(r["step"], r["step"] * per_step), r["loss"]) for r in evals]
+        # x = steps x the nominal tokens per step, the same for every seed (tokens_seen varies with packing)
+        cfg = json.loads((run_dir / "run_config.json").read_text())
+        per_step = cfg["deepspeed"]["train_batch_size"] * cfg["data"]["seq_len"]
+        out["curve"] = [(r["step"] * per_step, r["loss"]) for r in evals]
     return out
 
 
@@ -445,6 +446,7 @@ def compare(argv) -> int:
                     measured[run["method"]] = measure(run, args.measure_batch)
                 except Exception as e:                   # a measurement failure is reported, not fatal
                     measured[run["method"]] = {"measure_error": f"{type(e).__name__}: {e}"}
+                    print(f"[{run['method']}] memory measurement failed: {type(e).__name__}: {e}", flush=True)
             row.update(measured[run["method"]])
         rows.append(row)
     from compare_report import write_reports

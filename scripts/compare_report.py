@@ -205,10 +205,11 @@ def write_markdown(rows: list[dict], summary: list, facts: dict, path: Path) -> 
                   + ":", ""]
         for s in summary:
             cells = []
-            for lr in sorted(s["lrs"]):
+            for lr in sorted({r["lr"] for r in s["rows"]}):
                 runs = [r for r in s["rows"] if r["lr"] == lr]
                 ok = [r["val_ppl"] for r in runs if r["status"] == "ok"]
-                cells.append(f"{lr:.4g}: " + (f"{statistics.fmean(ok):.2f}" if len(ok) == len(runs) else
+                n = f" ({len(runs)} seed{'s' if len(runs) > 1 else ''})" if len(runs) != len(seeds) else ""
+                cells.append(f"{lr:.4g}: " + (f"{statistics.fmean(ok):.2f}{n}" if len(ok) == len(runs) else
                                               "diverged" if any(r["status"] == "diverged" for r in runs) else "failed"))
             lines.append(f"- {s['method']}: " + ", ".join(cells))
         lines.append("")
@@ -245,13 +246,14 @@ def write_plot(summary: list, path: Path) -> None:
         if s.get("saved_ratio") is not None:
             ax2.errorbar([s["saved_ratio"]], [s["ppl"][0]], yerr=[0 if math.isnan(s["ppl"][1]) else s["ppl"][1]],
                          fmt=marker, color=color, capsize=4, label=label)
-        lrs = sorted(lr for lr, v in s["lrs"].items() if math.isfinite(v))
-        if len(lrs) > 1:
-            ax3.plot(lrs, [math.exp(s["lrs"][lr]) for lr in lrs], marker=marker, color=color, label=s["label"])
-    ax1.set(xlabel="training tokens", ylabel="validation loss (mean ± std over seeds)", title="validation loss")
+        seed0 = {r["lr"]: r["val_loss"] for r in s["rows"] if r["seed"] == 0 and r["status"] == "ok"}
+        if len(seed0) > 1:
+            lrs = sorted(seed0)
+            ax3.plot(lrs, [math.exp(seed0[lr]) for lr in lrs], marker=marker, color=color, label=s["label"])
+    ax1.set(xlabel="training tokens (steps x batch x sequence)", ylabel="validation loss (mean ± std over seeds)", title="validation loss")
     ax2.set(xlabel="saved-for-backward bytes / full-rank", ylabel="validation perplexity (mean ± std)",
             title="perplexity vs saved activations")
-    ax3.set(xscale="log", xlabel="learning rate", ylabel="exp(mean validation loss)", title="lr sweep")
+    ax3.set(xscale="log", xlabel="learning rate", ylabel="validation perplexity, seed 0", title="lr sweep (seed 0)")
     for ax in (ax1, ax2, ax3):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)

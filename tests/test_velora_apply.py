@@ -109,6 +109,7 @@ def test_named_setting_fills_targets_and_codecs_and_refuses_contradictions():
     assert cfg.target_list == PRESETS["all"] and cfg.codec_for("q_proj") == "sr2"
     assert cfg.codec_for("down_proj") == "velora" and SETTINGS["sr2_hybrid"]["codec"] == "sr2"
     assert VeLoRAConfig(**dataclasses.asdict(cfg)).codec_overrides == {"down_proj": "velora"}   # a saved config reloads
+    assert VeLoRAConfig(setting="sr2_all").codec_for("down_proj") == "sr2"
     with pytest.raises(ValueError, match="velora.setting=sr2_hybrid sets velora.codec='sr2', but velora.codec='pca'"):
         VeLoRAConfig(setting="sr2_hybrid", codec="pca")
     with pytest.raises(ValueError, match="velora.setting: unknown setting 'best'"):

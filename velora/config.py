@@ -19,10 +19,12 @@ PAPER_SUB_TOKENS_DEFAULT = 64
 # token and sub-token; principal directions of the whole input plus a random sketch of the rest.
 CODECS = ("velora", "sr2", "sr4", "sr8", "rademacher", "gaussian", "pca")
 INIT_RULES = ("batch_average_once", "batch_average", "random")
-# Named settings (`velora.setting`): targets and codecs in one word. `sr2_hybrid` is the recommended one
-# (docs/BENCHMARKS.md, "Activation codecs"): 2-bit stochastic rounding for the inputs q/k/v and gate/up
-# share, the paper's VeLoRA for down_proj's (MLP-wide) input.
-SETTINGS = {"sr2_hybrid": {"targets": "all", "codec": "sr2", "codec_overrides": {"down_proj": "velora"}}}
+# Named settings (`velora.setting`): targets and codecs in one word. `sr2_all` is the recommended one: the
+# best perplexity of the compressing methods measured (docs/BENCHMARKS.md, "Activation codecs vs ..."),
+# every input but o_proj's kept at 2 bits with stochastic rounding. `sr2_hybrid` keeps down_proj's
+# MLP-wide input as VeLoRA coefficients instead (slightly less memory, worse perplexity there).
+SETTINGS = {"sr2_all": {"targets": "all", "codec": "sr2"},
+            "sr2_hybrid": {"targets": "all", "codec": "sr2", "codec_overrides": {"down_proj": "velora"}}}
 
 
 def parse_init(init: str) -> float | None:
