@@ -132,3 +132,11 @@ def good(n, start=0):
 def read_all(path, **kw):
     tb = TrainBatches(cfg_for(path, epochs=1, **kw), NumTokenizer(), batch_size=4)
     return list(tb), tb.stats
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The one-process ZeRO 0 run of the tiny config that launcher and parity tests compare with."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    p = train(out, "data.num_workers=2")
+    return out, p

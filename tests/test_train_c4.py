@@ -14,13 +14,6 @@ import pytest
 
 from conftest import STEPS, assert_one_line_error, free_port, losses, train
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "run"
-    p = train(out, "data.num_workers=2")
-    return out, p
-
-
 @pytest.mark.slow
 def test_one_process_run_learns_and_writes_everything(reference):
     out, p = reference

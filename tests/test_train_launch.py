@@ -5,7 +5,7 @@ Each is `deepspeed --no_ssh --node_rank N --num_nodes 2 --num_gpus 1 --hostfile 
 with --no_ssh the names are only labels, never contacted). Each launcher starts its one local process
 (RANK N, LOCAL_RANK 0, WORLD_SIZE 2, CUDA_VISIBLE_DEVICES=0 on the CPU accelerator) and the two meet at
 MASTER_ADDR:MASTER_PORT, exactly as on two machines. The ZeRO 2 run must give the one-process losses of
-test_train_c4.py's reference (micro 4 x 2 ranks = micro 4 x accumulation 2) and only rank 0, on node 0,
+conftest's `reference` run (micro 4 x 2 ranks = micro 4 x accumulation 2) and only rank 0, on node 0,
 may write the run's log, TensorBoard events and console progress.
 """
 import os
@@ -18,14 +18,13 @@ import time
 import pytest
 
 from conftest import REPO, env, free_port, losses, train_cmd
-from test_train_c4 import reference  # noqa: F401  (the one-process ZeRO 0 run, fixture)
 
 STOP = 3
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_launchers_as_two_nodes_match_one_process(reference, tmp_path):  # noqa: F811
+def test_two_launchers_as_two_nodes_match_one_process(reference, tmp_path):
     ref, _ = reference
     out, hostfile, port = tmp_path / "run", tmp_path / "hostfile", free_port()
     hostfile.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")
