@@ -18,7 +18,6 @@ import io
 import logging
 from pathlib import Path
 
-import torch
 
 from model import LlamaForCausalLM
 from training.checkpoint import broken_archives, check_pickles, read_latest, safe_load

@@ -39,7 +39,7 @@ class TrainingRun:
         self.cfg, self.stop_at, self.local_rank = cfg, stop_at, local_rank
         self.dir = RunDir(Path(cfg.train.output_dir))
         check_output_dir(cfg.train.output_dir, resume)
-        world_size = launcher_env(local_rank)[1]
+        _, world_size, local_rank_here = launcher_env(local_rank)
         self.batch = resolve_batch(cfg.deepspeed, world_size)
         global_batch, micro, accum, _ = self.batch
         check_deepspeed_section(cfg.deepspeed, micro, accum)
@@ -53,7 +53,7 @@ class TrainingRun:
                                        else (None, []))
         if self.resume_dir is not None:
             self.notes += check_compatible(self.resume_dir, cfg)
-            if not trust_checkpoint and launcher_env(local_rank)[2] == 0:   # one process per node reads them
+            if not trust_checkpoint and local_rank_here == 0:   # one process per node reads them
                 check_pickles(self.resume_dir)
         self.step, self.tokens_seen, self.saved_at, self.data_exhausted = 0, 0, 0, False
         self.batches = self.engine = self.metrics = self.lock = None
