@@ -76,6 +76,10 @@ METHODS = {
     "rademacher_all": Method("random ±1 sub-token basis, all", [ALL, "velora.codec=rademacher"]),
     "gaussian_all": Method("random Gaussian sub-token basis, all", [ALL, "velora.codec=gaussian"]),
     "pca_all": Method("principal directions + random residual, all", [ALL, "velora.codec=pca"]),
+    # The codecs under GaLore's lr split: the fair test against full_rank_split, the best full-rank recipe here
+    "sr2_all_split": Method("sr2 all, matrices at 0.25 x lr", [ALL, "velora.codec=sr2", "optim.matrix_lr_scale=0.25"],
+                            centre=0.01),
+    "velora_all_split": Method("VeLoRA all, matrices at 0.25 x lr", [ALL, "optim.matrix_lr_scale=0.25"], centre=0.01),
     "sr2_velora_down": Method("sr2 for q/k/v + gate/up, VeLoRA down_proj",
                               [ALL, "velora.codec=sr2", 'velora.codec_overrides={"down_proj":"velora"}']),
     "velora_all_galore": Method("VeLoRA all + GaLore AdamW", [ALL], galore=True),
@@ -154,7 +158,7 @@ def parse_args(argv=None):
     p.add_argument("--sweep-seeds", type=int, help="seeds the lr sweep runs (default: all); the best lr runs at all")
     p.add_argument("--lr", type=float, help="lr (or the sweep's centre) of the AdamW methods")
     p.add_argument("--galore-lr", type=float,
-                   help=f"lr (or the sweep's centre) of the GaLore methods and full_rank_split ({GALORE_LR})")
+                   help=f"lr (or the sweep's centre) of the GaLore methods and the *_split ones ({GALORE_LR})")
     p.add_argument("--out", help="output directory (default: runs/compare_<preset>)")
     p.add_argument("--methods", help="comma-separated subset of: " + ", ".join(METHODS))
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override for every method")

@@ -129,3 +129,17 @@ def test_seed_statistics_and_crossing():
     assert summary[1]["ratio"][0] == pytest.approx(math.exp(0.2))
     assert "after 200 tokens (67% of the budget)" in compare_report.crossing(summary)
 
+
+
+@pytest.mark.parametrize("preset", ["quick", "cpu"])
+def test_every_method_is_a_valid_run_config(preset):
+    """Each method's overrides, on top of the preset's, load as a validated run config (a typo in a key or a
+    value fails here, not an hour into a comparison)."""
+    from training.config import load_config
+
+    args = compare_galore.parse_args(["--preset", preset, "--methods", ",".join(compare_galore.METHODS)])
+    plan = compare_galore.Plan(args)
+    for method in plan.methods:
+        run = plan.run(method, plan.centre_lr(method), 0)
+        cfg = load_config(plan.config, run["sets"])
+        assert cfg.optim.lr == plan.centre_lr(method)
