@@ -57,6 +57,7 @@ class Method:
     sets: list = field(default_factory=list)
     galore: bool = False
     centre: float | None = None      # the lr sweep's default centre (else the AdamW or GaLore default)
+    reference: str = "full_rank"     # the full-rank method with the same lr recipe, paired against in the report
 
 
 ALL = "velora.targets=all"
@@ -78,8 +79,9 @@ METHODS = {
     "pca_all": Method("principal directions + random residual, all", [ALL, "velora.codec=pca"]),
     # The codecs under GaLore's lr split: the fair test against full_rank_split, the best full-rank recipe here
     "sr2_all_split": Method("sr2 all, matrices at 0.25 x lr", [ALL, "velora.codec=sr2", "optim.matrix_lr_scale=0.25"],
-                            centre=0.01),
-    "velora_all_split": Method("VeLoRA all, matrices at 0.25 x lr", [ALL, "optim.matrix_lr_scale=0.25"], centre=0.01),
+                            centre=0.01, reference="full_rank_split"),
+    "velora_all_split": Method("VeLoRA all, matrices at 0.25 x lr", [ALL, "optim.matrix_lr_scale=0.25"], centre=0.01,
+                               reference="full_rank_split"),
     "sr2_velora_down": Method("sr2 for q/k/v + gate/up, VeLoRA down_proj",
                               [ALL, "velora.codec=sr2", 'velora.codec_overrides={"down_proj":"velora"}']),
     "velora_all_galore": Method("VeLoRA all + GaLore AdamW", [ALL], galore=True),
@@ -246,6 +248,7 @@ class Plan:
                 "galore_gap": self.galore_gap, "base": self.base, "seeds": self.seeds, "lr_sweep": self.lr_sweep,
                 "sweep_seeds": self.sweep_seeds,
                 "preset": self.args.preset, "methods": self.methods,
+                "references": {m: METHODS[m].reference for m in self.methods},
                 "command": " ".join(shlex.quote(a) for a in ["scripts/compare_galore.sh"] + argv)}
 
 

@@ -54,8 +54,9 @@ def spread_verdict(ratios: list, limit: float = 1.0) -> str:
     return f"within the seed spread of {limit:g} (95% interval {lo:.3f}–{hi:.3f})"
 
 
-def summarize(rows: list[dict], n_seeds: int) -> list[dict]:
-    """One dict per method at its best lr (lowest mean validation loss over all seeds)."""
+def summarize(rows: list[dict], n_seeds: int, references: dict | None = None) -> list[dict]:
+    """One dict per method at its best lr (lowest mean validation loss over all seeds), paired by seed against
+    full-rank and, where `references` names another method (full-rank with the same lr recipe), against that."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
     out = []
     for m in methods:
@@ -76,22 +77,34 @@ def summarize(rows: list[dict], n_seeds: int) -> list[dict]:
                          "saved_bytes_micro", "param_bytes", "grad_bytes", "optim_state_bytes", "measure_error")})
             s["curve"] = _mean_curve(sel)
         out.append(s)
-    ref = next((s for s in out if s["method"] == "full_rank" and "best_lr" in s), None)
-    for s in out:
-        if ref is None or "best_lr" not in s:
+    done = {s["method"]: s for s in out if "best_lr" in s}
+    ref = done.get("full_rank")
+    for s in done.values():
+        own = done.get((references or {}).get(s["method"], "full_rank"))
+        if own is not None and own is not ref and own is not s:
+            ratios = _paired(s, own)
+            s["same_recipe"] = {"label": own["label"], "ratios": ratios, "ratio": _mean_std(ratios),
+                                "verdict": spread_verdict(ratios)}
+        full = ref or own            # full-rank saves the same bytes whatever its lr recipe
+        if full is not None and s.get("saved_bytes_micro") and full.get("saved_bytes_micro"):
+            s["saved_ratio"] = s["saved_bytes_micro"] / full["saved_bytes_micro"]
+        if ref is None:
             continue
-        base = {r["seed"]: r for r in ref["selected"]}
-        ratios = [r["val_ppl"] / base[r["seed"]]["val_ppl"] for r in s["selected"] if r["seed"] in base]
-        s["ratios"] = ratios
-        s["ratio"] = _mean_std(ratios)
-        s["verdict"] = spread_verdict(ratios) if s is not ref else ""
-        if s.get("saved_bytes_micro") and ref.get("saved_bytes_micro"):
-            s["saved_ratio"] = s["saved_bytes_micro"] / ref["saved_bytes_micro"]
+        s["ratios"] = _paired(s, ref)
+        s["ratio"] = _mean_std(s["ratios"])
+        s["verdict"] = spread_verdict(s["ratios"]) if s is not ref else ""
         s["step_time_ratio"] = s["step_time"] / ref["step_time"]
+        base = {r["seed"]: r for r in ref["selected"]}
         for r in s["selected"]:
             r["ppl_vs_full_rank"] = r["val_ppl"] / base[r["seed"]]["val_ppl"] if r["seed"] in base else ""
             r["saved_vs_full_rank"] = s.get("saved_ratio", "")
     return out
+
+
+def _paired(s: dict, ref: dict) -> list:
+    """Per-seed perplexity ratios of `s` to `ref` at each one's best lr (the seeds both ran)."""
+    base = {r["seed"]: r for r in ref["selected"]}
+    return [r["val_ppl"] / base[r["seed"]]["val_ppl"] for r in s["selected"] if r["seed"] in base]
 
 
 def _mean_curve(sel: list) -> list:
@@ -132,20 +145,21 @@ def _pm(pair, fmt=".2f") -> str:
 
 def _goals(summary: list) -> list[str]:
     """Issue 12's goals for every compressing method, from the measured bytes and the paired ratios."""
-    ref = next((s for s in summary if s["method"] == "full_rank" and "ratio" in s), None)
-    if ref is None:
-        return ["- No completed full-rank run: the goals cannot be judged."]
     out = []
     for s in summary:
-        if "ratio" not in s or s is ref or s.get("saved_ratio") is None or s["saved_ratio"] >= 1:
+        if not ("ratio" in s or "same_recipe" in s) or s.get("saved_ratio") is None or s["saved_ratio"] >= 1:
             continue
         memopts = s["method"].endswith("memopts")
         limit = 0.50 if memopts else 0.85
-        mem_ok, ppl_ok = s["saved_ratio"] <= limit, s["ratio"][0] <= 1.01
+        # a method with its own lr recipe is judged against full-rank trained with that recipe
+        paired = s.get("same_recipe") or s
+        against = f" to {paired['label']}" if paired is not s else ""
+        mem_ok, ppl_ok = s["saved_ratio"] <= limit, paired["ratio"][0] <= 1.01
         verdict = "met" if mem_ok and ppl_ok else "**missed**"
         out.append(f"- {s['label']}: saved bytes {s['saved_ratio']:.3f} (goal ≤ {limit:.2f}{' with memory options' if memopts else ''}), "
-                   f"ppl ratio {_pm(s['ratio'], '.3f')} (goal ≤ 1.01; {spread_verdict(s['ratios'], 1.01)}) — {verdict}.")
-    return out or ["- No compressing method completed."]
+                   f"ppl ratio{against} {_pm(paired['ratio'], '.3f')} (goal ≤ 1.01; "
+                   f"{spread_verdict(paired['ratios'], 1.01)}) — {verdict}.")
+    return out or ["- No compressing method completed with a full-rank run to pair it with."]
 
 
 def write_markdown(rows: list[dict], summary: list, facts: dict, path: Path) -> None:
@@ -195,6 +209,11 @@ def write_markdown(rows: list[dict], summary: list, facts: dict, path: Path) -> 
             f"{_pm(s['ratio'], '.3f') if 'ratio' in s else '–'} | {s.get('verdict') or '–'} | "
             f"{(s.get('saved_bytes_micro') or 0) / MIB:.2f} | {s.get('saved_ratio', math.nan):.3f} | "
             f"{(s.get('optim_state_bytes') or 0) / MIB:.2f} | {s.get('step_time_ratio', math.nan):.3f} |")
+    same = [s for s in summary if "same_recipe" in s]
+    if same:
+        lines += ["", "Paired by seed against full-rank trained with the same lr recipe:", ""] + [
+            f"- {s['label']} / {s['same_recipe']['label']}: {_pm(s['same_recipe']['ratio'], '.3f')}, "
+            f"{s['same_recipe']['verdict']}" for s in same]
     lines += ["", f"Curves: {crossing(summary)}.", ""]
     if facts["lr_sweep"]:
         part = facts.get("sweep_seeds", seeds)
@@ -264,7 +283,7 @@ def write_plot(summary: list, path: Path) -> None:
 
 def write_reports(rows: list[dict], facts: dict, out: Path) -> list[dict]:
     """results.csv, results.md and plot.png in `out`; returns the per-method summary."""
-    summary = summarize(rows, len(facts["seeds"]))
+    summary = summarize(rows, len(facts["seeds"]), facts.get("references"))
     write_csv(rows, out / "results.csv")
     write_markdown(rows, summary, facts, out / "results.md")
     write_plot(summary, out / "plot.png")

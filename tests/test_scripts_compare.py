@@ -129,6 +129,17 @@ def test_seed_statistics_and_crossing():
     assert summary[1]["ratio"][0] == pytest.approx(math.exp(0.2))
     assert "after 200 tokens (67% of the budget)" in compare_report.crossing(summary)
 
+    # a method with its own lr recipe is paired against full-rank with that recipe, and judged against it
+    both = rows("full_rank", [5.0, 4.5, 4.0]) + rows("split", [4.0, 3.5, 3.0]) + rows("codec_split", [4.0, 3.5, 3.005])
+    for r in both:
+        r["saved_bytes_micro"] = 85 if r["method"] == "codec_split" else 100
+    summary = compare_report.summarize(both, 3, {"codec_split": "split"})
+    assert summary[2]["ratio"][0] == pytest.approx(math.exp(-0.995))
+    assert summary[2]["same_recipe"]["ratio"][0] == pytest.approx(math.exp(0.005))
+    assert "same_recipe" not in summary[1]
+    goals = compare_report._goals(summary)
+    assert goals == [goals[0]] and "ppl ratio to split 1.005" in goals[0] and goals[0].endswith("— met.")
+
 
 
 @pytest.mark.parametrize("preset", ["quick", "cpu"])
