@@ -252,10 +252,13 @@ def write_plot(summary: list, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 5.2))
+    shown = [s for s in summary if s.get("curve")]
+    rows = math.ceil(len(shown) / 3)
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 5.2 + 0.22 * rows))
     markers = "osD^vP*X<>h"
-    for i, s in enumerate(s for s in summary if s.get("curve")):
-        color, marker = f"C{i % 10}", markers[i % len(markers)]
+    cmap = plt.get_cmap("tab20")          # more methods than the default cycle's 10 colours
+    for i, s in enumerate(shown):
+        color, marker = (f"C{i}" if len(shown) <= 10 else cmap(i % 20)), markers[i % len(markers)]
         label = f"{s['label']} (lr {s['best_lr']:.3g})"
         t, mean, std = zip(*s["curve"])
         ax1.plot(t, mean, marker=marker, color=color, label=label, ms=4)
@@ -275,8 +278,9 @@ def write_plot(summary: list, path: Path) -> None:
     ax3.set(xscale="log", xlabel="learning rate", ylabel="validation perplexity, seed 0", title="lr sweep (seed 0)")
     for ax in (ax1, ax2, ax3):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
+    # one legend for the three panels, below them (inside, it covers the curves)
+    fig.legend(*ax1.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

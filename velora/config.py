@@ -19,10 +19,11 @@ PAPER_SUB_TOKENS_DEFAULT = 64
 # token and sub-token; principal directions of the whole input plus a random sketch of the rest.
 CODECS = ("velora", "sr2", "sr4", "sr8", "rademacher", "gaussian", "pca")
 INIT_RULES = ("batch_average_once", "batch_average", "random")
-# Named settings (`velora.setting`): targets and codecs in one word. `sr2_all` is the recommended one: the
-# best perplexity of the compressing methods measured (docs/BENCHMARKS.md, "Activation codecs vs ..."),
-# every input but o_proj's kept at 2 bits with stochastic rounding. `sr2_hybrid` keeps down_proj's
-# MLP-wide input as VeLoRA coefficients instead (slightly less memory, worse perplexity there).
+# Named settings (`velora.setting`): targets and codecs in one word. `sr2_all` is the recommended one
+# (every input but o_proj's kept at 2 bits with stochastic rounding: unbiased, full-rank weight gradients);
+# with GaLore's lr split it matched full-rank trained the same way (docs/BENCHMARKS.md, "Codecs vs VeLoRA
+# vs GaLore vs full-rank"). `sr2_hybrid` keeps down_proj's MLP-wide input as VeLoRA coefficients instead
+# (slightly less memory, worse perplexity there).
 SETTINGS = {"sr2_all": {"targets": "all", "codec": "sr2"},
             "sr2_hybrid": {"targets": "all", "codec": "sr2", "codec_overrides": {"down_proj": "velora"}}}
 
