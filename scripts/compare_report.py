@@ -115,19 +115,30 @@ def _mean_curve(sel: list) -> list:
 
 
 def crossing(summary: list) -> str:
-    """Where the ranking of the methods' mean validation loss last changed, from eval to eval."""
-    curves = {s["method"]: {t: mean for t, mean, _ in s["curve"]} for s in summary if s.get("curve")}
+    """Where the order of the methods' mean validation losses last changed, from eval to eval, counting only
+    pairs whose final perplexities differ beyond the seed spread (tied pairs may swap for ever)."""
+    done = [s for s in summary if s.get("curve")]
+    curves = {s["method"]: {t: mean for t, mean, _ in s["curve"]} for s in done}
     if len(curves) < 2:
         return "fewer than two methods with a curve: nothing to cross"
     points = sorted(set.intersection(*(set(c) for c in curves.values())))
-    ranks = [tuple(sorted(curves, key=lambda m: curves[m][t])) for t in points]
-    last_change = max((i for i in range(1, len(ranks)) if ranks[i] != ranks[i - 1]), default=0)
-    total = points[-1]
-    if last_change == 0:
-        return f"the ranking of the mean validation losses is the same at all {len(points)} evaluations"
-    return (f"the ranking of the mean validation losses last changed at the evaluation after {points[last_change]:,.0f} "
-            f"tokens ({points[last_change] / total:.0%} of the budget) and holds for the remaining "
-            f"{len(points) - 1 - last_change} of {len(points)} evaluations")
+    tied, last = [], 0
+    for i, a in enumerate(done):
+        for b in done[i + 1:]:
+            # tied: within the spread both ways round (a t interval on ratios is not symmetric);
+            # one seed (spread unknown) counts every pair
+            if all(spread_verdict(_paired(x, y)).startswith("within") for x, y in ((a, b), (b, a))):
+                tied.append(f"{a['method']}/{b['method']}")
+                continue
+            ca, cb = curves[a["method"]], curves[b["method"]]
+            final = ca[points[-1]] < cb[points[-1]]
+            last = max([last] + [k + 1 for k in range(len(points) - 1) if (ca[points[k]] < cb[points[k]]) != final])
+    note = f" (not counted, tied within the seed spread: {', '.join(tied)})" if tied else ""
+    if last == 0:
+        return f"the order of the mean validation losses is the same at all {len(points)} evaluations{note}"
+    return (f"the order of the mean validation losses last changed at the evaluation after {points[last]:,.0f} "
+            f"tokens ({points[last] / points[-1]:.0%} of the budget) and holds for the remaining "
+            f"{len(points) - 1 - last} of {len(points)} evaluations{note}")
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

@@ -128,6 +128,15 @@ def test_seed_statistics_and_crossing():
     summary = compare_report.summarize(rows("full_rank", [5.0, 4.5, 4.0]) + rows("x", [4.9, 4.6, 4.2]), 3)
     assert summary[1]["ratio"][0] == pytest.approx(math.exp(0.2))
     assert "after 200 tokens (67% of the budget)" in compare_report.crossing(summary)
+    # a pair tied within the seed spread may swap without counting; one seed counts every pair
+    noisy = rows("y", [4.8, 4.65, 4.0])
+    for r, f in zip(noisy, (1.05, 0.95, 1.0)):
+        r["val_ppl"] = math.exp(4.0) * f
+    tied = compare_report.summarize(rows("full_rank", [5.0, 4.5, 4.0]) + noisy, 3)
+    assert compare_report.crossing(tied).startswith("the order of the mean validation losses is the same at all 3 "
+                                                    "evaluations (not counted, tied within the seed spread: full_rank/y)")
+    one = compare_report.summarize([r for r in rows("full_rank", [5.0, 4.5, 4.0]) + noisy if r["seed"] == 0], 1)
+    assert "last changed at the evaluation after 300 tokens" in compare_report.crossing(one)
 
     # a method with its own lr recipe is paired against full-rank with that recipe, and judged against it
     both = rows("full_rank", [5.0, 4.5, 4.0]) + rows("split", [4.0, 3.5, 3.0]) + rows("codec_split", [4.0, 3.5, 3.005])
