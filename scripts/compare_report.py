@@ -90,21 +90,26 @@ def summarize(rows: list[dict], n_seeds: int, references: dict | None = None) ->
             s["saved_ratio"] = s["saved_bytes_micro"] / full["saved_bytes_micro"]
         if ref is None:
             continue
-        s["ratios"] = _paired(s, ref)
+        by_seed = _ratios_by_seed(s, ref)
+        s["ratios"] = list(by_seed.values())
         s["ratio"] = _mean_std(s["ratios"])
         s["verdict"] = spread_verdict(s["ratios"]) if s is not ref else ""
         s["step_time_ratio"] = s["step_time"] / ref["step_time"]
-        base = {r["seed"]: r for r in ref["selected"]}
         for r in s["selected"]:
-            r["ppl_vs_full_rank"] = r["val_ppl"] / base[r["seed"]]["val_ppl"] if r["seed"] in base else ""
+            r["ppl_vs_full_rank"] = by_seed.get(r["seed"], "")
             r["saved_vs_full_rank"] = s.get("saved_ratio", "")
     return out
 
 
+def _ratios_by_seed(s: dict, ref: dict) -> dict:
+    """{seed: perplexity of `s` / perplexity of `ref`}, each at its best lr, for the seeds both ran."""
+    base = {r["seed"]: r["val_ppl"] for r in ref["selected"]}
+    return {r["seed"]: r["val_ppl"] / base[r["seed"]] for r in s["selected"] if r["seed"] in base}
+
+
 def _paired(s: dict, ref: dict) -> list:
-    """Per-seed perplexity ratios of `s` to `ref` at each one's best lr (the seeds both ran)."""
-    base = {r["seed"]: r for r in ref["selected"]}
-    return [r["val_ppl"] / base[r["seed"]]["val_ppl"] for r in s["selected"] if r["seed"] in base]
+    """Per-seed perplexity ratios of `s` to `ref` (the seeds both ran)."""
+    return list(_ratios_by_seed(s, ref).values())
 
 
 def _mean_curve(sel: list) -> list:

@@ -31,8 +31,10 @@ def table(runs: list, window: int) -> str:
     """Rows: windows of steps; columns: the mean training loss of each run over that window."""
     curves = [step_losses(Path(r)) for r in runs]
     last = max(max(c) for c in curves)
-    lines = ["| steps | " + " | ".join(Path(r).name if len({Path(x).name for x in runs}) == len(runs) else str(r)
-                                        for r in runs) + " |", "|---|" + "---:|" * len(runs)]
+    names = [Path(r).name for r in runs]
+    if len(set(names)) < len(names):      # e.g. several runs/*/runs/full_rank: the whole path tells them apart
+        names = [str(r) for r in runs]
+    lines = ["| steps | " + " | ".join(names) + " |", "|---|" + "---:|" * len(runs)]
     for lo in range(1, last + 1, window):
         hi = min(last, lo + window - 1)
         cells = [statistics.fmean(v) if (v := [c[s] for s in range(lo, hi + 1) if s in c]) else None for c in curves]
