@@ -213,3 +213,6 @@ def test_waiting_on_a_stale_build_lock_names_the_file(tmp_path, monkeypatch, cap
     _warn_if_waiting_on_build_lock(threading.Event(), after_s=0.01)
     err = capsys.readouterr().err
     assert f"still waiting after 0 s for {lock}" in err and "if no other run is starting, delete it" in err
+    # the lock of this process's own (slow, first) build: no warning
+    _warn_if_waiting_on_build_lock(threading.Event(), after_s=0.01, stale=False)
+    assert capsys.readouterr().err == ""

@@ -60,13 +60,20 @@ def build_comm_op() -> None:
     build_shm_op()
 
 
-def _warn_if_waiting_on_build_lock(done: threading.Event, after_s: float = 15.0) -> None:
-    """torch's extension loader waits, silently and forever, while a `lock` file exists in the op's build
-    directory; a build killed earlier leaves one behind. Say so, naming the file."""
+def _build_lock() -> str:
     from torch.utils.cpp_extension import _get_build_directory
 
-    lock = os.path.join(_get_build_directory(COMM_OP, False), "lock")
-    if not done.wait(after_s) and os.path.exists(lock):
+    return os.path.join(_get_build_directory(COMM_OP, False), "lock")
+
+
+def _warn_if_waiting_on_build_lock(done: threading.Event, after_s: float = 15.0, stale: bool | None = None) -> None:
+    """torch's extension loader waits, silently and forever, while a `lock` file exists in the op's build
+    directory; a build killed earlier leaves one behind. Say so, naming the file. `stale`: whether the lock
+    was there before this process started loading the op (default: now); a lock this process's own build
+    made (a first build takes longer than `after_s`) is no reason to warn."""
+    lock = _build_lock()
+    stale = os.path.exists(lock) if stale is None else stale
+    if stale and not done.wait(after_s) and os.path.exists(lock):
         print(f"warning: still waiting after {after_s:.0f} s for {lock}: another process is building DeepSpeed's "
               f"{COMM_OP} op, or a build killed earlier left this file; if no other run is starting, delete it",
               file=sys.stderr, flush=True)
@@ -86,7 +93,8 @@ def init_distributed(local_rank_arg: int | None = None) -> DistInfo:
     # _distutils_hack) while DeepSpeed imports distutils here deadlocked on the import locks (seen).
     from torch.utils import cpp_extension  # noqa: F401
     done = threading.Event()
-    threading.Thread(target=_warn_if_waiting_on_build_lock, args=(done,), daemon=True).start()
+    stale = os.path.exists(_build_lock())    # checked before the build below can create one of its own
+    threading.Thread(target=_warn_if_waiting_on_build_lock, args=(done, 15.0, stale), daemon=True).start()
     try:
         deepspeed.init_distributed(dist_backend=backend)
     finally:
