@@ -74,13 +74,21 @@ def test_prune_keeps_last_k_and_the_latest(tmp_path):
     assert read_latest(root) == "step_1"
 
 
-def test_clean_stale_removes_interrupted_saves(tmp_path):
+def test_clean_stale_removes_only_the_recorded_leftovers_of_interrupted_saves(tmp_path):
+    from training import scratch
     root = tmp_path / "checkpoints"
     fake_checkpoint(root, 3)
-    (root / "step_4.tmp").mkdir()
-    (root / "step_1.trash").mkdir()
-    clean_stale(root)
-    assert sorted(p.name for p in root.iterdir()) == ["step_3"]
+    scratch.claim(root / "step_4.tmp").mkdir()         # what a killed save and a killed prune leave
+    (root / "step_4.tmp" / "mp_rank_00_model_states.pt").write_bytes(b"PK")
+    scratch.claim(root / "step_1.trash").mkdir()
+    for mine in ("notes.tmp", "step_2.trash", "old.trash"):  # the user's, however named
+        (root / mine).mkdir()
+    assert sorted(clean_stale(root)) == ["step_1.trash", "step_4.tmp"]
+    assert sorted(p.name for p in root.iterdir()) == ["notes.tmp", "old.trash", "step_2.trash", "step_3"]
+    with pytest.raises(CheckpointError, match=r"step_2.trash: exists but was not made by this project .*; move "
+                                              r"it out of "):
+        scratch.claim(root / "step_2.trash")
+    assert (root / "step_2.trash").is_dir() and not (root / scratch.RECORD).exists()
 
 
 def test_check_compatible_refuses_another_model_and_notes_other_changes(tmp_path):

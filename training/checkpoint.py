@@ -6,12 +6,14 @@ Layout under `<output_dir>/checkpoints/`:
                        trainer_state_rank{r}.json (step, tokens seen, this rank's data iterator
                        position and RNG states), run_config.json, tokenizer.model
   latest               the tag of the newest complete checkpoint (DeepSpeed's format)
+  .scratch             while a save or deletion is under way: the temporary names it made
 
 A save goes to `step_N.tmp/`, every file is fsynced, the directory is renamed to `step_N/`, and only
 then is `latest` replaced (write + fsync + rename). A kill at any instant therefore leaves `latest`
 naming a complete checkpoint. Older checkpoints beyond `train.keep_last` are renamed away before
-they are deleted, so a half-deleted directory never looks like a checkpoint. A save that fails (disk
-full, permissions) removes its temporary directory and raises CheckpointError: the run stops with
+they are deleted, so a half-deleted directory never looks like a checkpoint. Each such temporary name
+is recorded before it is made (training/scratch.py), and only recorded names are ever cleaned up. A save
+that fails (disk full, permissions) removes its temporary directory and raises CheckpointError: the run stops with
 the previous checkpoint intact rather than training on without one. On resume, a checkpoint with
 missing files, truncated tensor files or an unreadable state is skipped with a warning (see
 `find_resume`). Tests kill runs inside a save through the `on_phase` callback (training/crash.py).
@@ -30,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import scratch
 from .distributed import barrier
 from .errors import CheckpointError
 from .files import atomic_write_text, fsync_dir
@@ -68,12 +71,10 @@ def step_dirs(ckpt_root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def clean_stale(ckpt_root: Path) -> None:
-    """Remove leftovers of interrupted saves and deletions (rank 0 only, before training)."""
-    if ckpt_root.is_dir():
-        for p in ckpt_root.iterdir():
-            if p.is_dir() and (p.name.endswith(".tmp") or p.name.endswith(".trash")):
-                shutil.rmtree(p, ignore_errors=True)
+def clean_stale(ckpt_root: Path) -> list[str]:
+    """Remove the leftovers of interrupted saves and deletions, by the names recorded before they were made
+    (training/scratch.py; rank 0 only, before training): a directory of the user's is never touched."""
+    return scratch.clean(ckpt_root) if ckpt_root.is_dir() else []
 
 
 def _no_phase(name: str, step: int) -> None:
@@ -90,7 +91,7 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, rank_state: dict, *, ran
     try:
         if rank == 0:
             ckpt_root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
+            scratch.claim(tmp)
         barrier()
         engine.save_checkpoint(str(ckpt_root), tag=tmp.name, client_state={"step": step}, save_latest=False)
         tmp.mkdir(parents=True, exist_ok=True)
@@ -109,6 +110,7 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, rank_state: dict, *, ran
     except (OSError, RuntimeError) as e:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+            scratch.drop(tmp)
         why = (e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e) else
                type(e).__name__)
         previous = read_latest(ckpt_root, strict=False)
@@ -126,13 +128,23 @@ def _commit(tmp: Path, final: Path, ckpt_root: Path, step: int, on_phase) -> Non
         elif f.is_dir():
             fsync_dir(f)
     fsync_dir(tmp)
+    trash = final.with_name(final.name + ".trash")
     if final.exists():  # re-saving a step (e.g. after resuming from an older checkpoint)
-        final.rename(final.with_name(final.name + ".trash"))
+        final.rename(scratch.claim(trash))
     tmp.rename(final)
     fsync_dir(ckpt_root)
+    scratch.drop(tmp)
     on_phase("checkpoint_commit", step)
     atomic_write_text(ckpt_root / LATEST, final.name)
-    shutil.rmtree(final.with_name(final.name + ".trash"), ignore_errors=True)
+    _delete(trash)
+
+
+def _delete(trash: Path) -> None:
+    """Delete a renamed-away checkpoint; its name stays recorded until it is gone (a failure is retried by
+    the next run's clean_stale)."""
+    shutil.rmtree(trash, ignore_errors=True)
+    if not trash.exists():
+        scratch.drop(trash)
 
 
 def prune(ckpt_root: Path, keep_last: int) -> None:
@@ -140,9 +152,9 @@ def prune(ckpt_root: Path, keep_last: int) -> None:
     latest = read_latest(ckpt_root, strict=False)
     for p in step_dirs(ckpt_root)[:-keep_last]:
         if p.name != latest:
-            trash = p.with_name(p.name + ".trash")
+            trash = scratch.claim(p.with_name(p.name + ".trash"))
             p.rename(trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            _delete(trash)
 
 
 def read_latest(ckpt_root: Path, strict: bool = True) -> str | None:

@@ -78,9 +78,15 @@ class TrainConfig:
     keep_last: int = 3
     seed: int = 42
     eval_batch_size: int = 0         # 0: the micro-batch size
+    # Seconds a collective (or the start-up rendezvous) waits for its peers before every rank stops: a rank
+    # that died or hangs ends the run within this. It must exceed the longest phase in which one rank works
+    # while the others wait: rank 0 building the built-in tokenizer and corpus (first run only, then cached)
+    # and committing a checkpoint (fsync, rename, prune). 5 min covers both at llama_1b on a local disk and
+    # stays far below torch's defaults (30 min gloo, 10 min NCCL); raise it for slow network filesystems.
+    collective_timeout_s: float = 300.0
 
     def __post_init__(self):
-        for name in ("max_steps", "eval_every", "save_every", "log_every", "keep_last"):
+        for name in ("max_steps", "eval_every", "save_every", "log_every", "keep_last", "collective_timeout_s"):
             _positive(f"train.{name}", getattr(self, name))
         _in_range("train.seed", self.seed, 0, math.inf, ">= 0")
         _in_range("train.eval_batch_size", self.eval_batch_size, 0, math.inf, ">= 0 (0: the micro-batch size)")

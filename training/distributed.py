@@ -11,10 +11,12 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from .errors import RunError
 
 
 @dataclass
@@ -37,11 +39,55 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+LAUNCH_FIX = ("start the run through a launcher (torchrun --nproc_per_node N, or deepspeed), which sets all of "
+              "RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, or unset them for a one-process run")
+
+
+def _env_int(name: str, lowest: int) -> int:
+    raw = os.environ[name]
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < lowest:
+        raise RunError(f"{name}={raw!r} in the environment is not an integer >= {lowest}; {LAUNCH_FIX}")
+    return value
+
+
+def check_launcher_env() -> None:
+    """Refuse, in one line and before anything waits on a peer, a launcher environment that cannot start:
+    RANK without WORLD_SIZE (or the reverse: leftovers of an earlier shell), a rank outside the world,
+    a multi-process world without MASTER_ADDR / MASTER_PORT (it would wait for peers that never come)."""
+    given = [v for v in ("RANK", "WORLD_SIZE") if v in os.environ]
+    if len(given) == 1:
+        missing = ({"RANK", "WORLD_SIZE"} - set(given)).pop()
+        raise RunError(f"{given[0]}={os.environ[given[0]]} is set in the environment but {missing} is not "
+                       f"(a leftover of another shell or job?); {LAUNCH_FIX}")
+    if not given:
+        return
+    rank, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    if rank >= world:
+        raise RunError(f"RANK={rank} is impossible with WORLD_SIZE={world} (ranks are 0..{world - 1}); {LAUNCH_FIX}")
+    if "LOCAL_RANK" in os.environ and _env_int("LOCAL_RANK", 0) > rank:
+        raise RunError(f"LOCAL_RANK={os.environ['LOCAL_RANK']} is larger than RANK={rank} (a process's rank on its "
+                       f"node cannot exceed its rank in the world); {LAUNCH_FIX}")
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if world > 1 and missing:
+        raise RunError(f"RANK={rank} and WORLD_SIZE={world} are set but {' and '.join(missing)} "
+                       f"{'is' if len(missing) == 1 else 'are'} not, so this process could not find its "
+                       f"{world - 1} peer(s) and would wait for them; {LAUNCH_FIX}")
+    if "MASTER_PORT" in os.environ and not 0 < _env_int("MASTER_PORT", 1) < 65536:
+        raise RunError(f"MASTER_PORT={os.environ['MASTER_PORT']} is not a TCP port (1-65535); {LAUNCH_FIX}")
+
+
 def launcher_env(local_rank_arg: int | None = None) -> tuple[int, int, int]:
-    """(rank, world size, local rank) from the launcher's environment, filling in a one-process
-    world when no launcher set it. Does not start anything."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    """(rank, world size, local rank) from the launcher's environment (checked by `check_launcher_env`),
+    filling in a one-process world when no launcher set it. Does not start anything."""
+    check_launcher_env()
+    if "RANK" not in os.environ:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    if int(os.environ["WORLD_SIZE"]) == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     if "LOCAL_RANK" not in os.environ:
@@ -79,12 +125,40 @@ def _warn_if_waiting_on_build_lock(done: threading.Event, after_s: float = 15.0,
               file=sys.stderr, flush=True)
 
 
-def init_distributed(local_rank_arg: int | None = None) -> DistInfo:
-    """Start the process group (gloo on CPU, NCCL on CUDA) through DeepSpeed and return who we are."""
+def _warn_if_waiting_for_peers(done: threading.Event, rank: int, world: int, timeout_s: float,
+                               after_s: float = 15.0) -> None:
+    """The rendezvous waits silently for every rank to join; say who waits for whom, and until when."""
+    if world > 1 and not done.wait(after_s):
+        print(f"rank {rank}: still waiting after {after_s:.0f} s for the other {world - 1} process(es) at "
+              f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} (WORLD_SIZE={world}); giving up "
+              f"after train.collective_timeout_s={timeout_s:g} s. If no launcher started this process, unset RANK "
+              f"and WORLD_SIZE", file=sys.stderr, flush=True)
+
+
+def set_collective_timeout(timeout_s: float) -> timedelta:
+    """Make `timeout_s` the timeout of every process group created from now on: the default group (passed to
+    init_process_group) and the groups DeepSpeed creates later without a timeout (its data-parallel clone of
+    the world, over which ZeRO reduces gradients), which torch would otherwise give its own default (30 min
+    for gloo, 10 min for NCCL)."""
+    from torch.distributed import distributed_c10d as c10d
+    timeout = timedelta(seconds=timeout_s)
+    for name in ("default_pg_timeout", "default_pg_nccl_timeout"):
+        if isinstance(getattr(c10d, name, None), timedelta):
+            setattr(c10d, name, timeout)
+    return timeout
+
+
+def init_distributed(local_rank_arg: int | None = None, timeout_s: float = 300.0) -> DistInfo:
+    """Start the process group (gloo on CPU, NCCL on CUDA) through DeepSpeed and return who we are.
+    Every collective of the run fails after `timeout_s` seconds without its peers (train.collective_timeout_s)."""
     import deepspeed
 
     rank, world, local_rank = launcher_env(local_rank_arg)
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise RunError(f"LOCAL_RANK={local_rank} but this node shows {torch.cuda.device_count()} CUDA device(s) "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most "
+                           f"that many processes per node")
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
@@ -95,8 +169,15 @@ def init_distributed(local_rank_arg: int | None = None) -> DistInfo:
     done = threading.Event()
     stale = os.path.exists(_build_lock())    # checked before the build below can create one of its own
     threading.Thread(target=_warn_if_waiting_on_build_lock, args=(done, 15.0, stale), daemon=True).start()
+    threading.Thread(target=_warn_if_waiting_for_peers, args=(done, rank, world, timeout_s), daemon=True).start()
     try:
-        deepspeed.init_distributed(dist_backend=backend)
+        deepspeed.init_distributed(dist_backend=backend, timeout=set_collective_timeout(timeout_s))
+    except dist.DistError as e:    # the rendezvous timed out: a peer never came
+        raise RunError(f"rank {rank}: the other {world - 1} process(es) of WORLD_SIZE={world} did not join at "
+                       f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
+                       f"train.collective_timeout_s={timeout_s:g} s ({str(e).splitlines()[0][:200]}); start every "
+                       f"rank with the same MASTER_ADDR/MASTER_PORT, or unset RANK and WORLD_SIZE for a "
+                       f"one-process run") from None
     finally:
         done.set()
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)

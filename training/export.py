@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from safetensors.torch import save_file
 
 from model import LlamaConfig, LlamaForCausalLM
 from training.errors import CheckpointError
-from training.files import fsync_dir
+from training.files import fsync_dir, make_dirs, remove_empty_dirs
+from training.outputs import FileLock
 from training.hf_files import GENERATION_CONFIG, HF_TOKENIZER_FILES, write_hf_files
 from training.layout import HF_CONFIG, RUN_CONFIG, TOKENIZER, WEIGHTS
 from velora import strip_state_dict
@@ -89,15 +91,17 @@ def check_export_target(out_dir: Path, overwrite: bool) -> None:
 def save_final(model, run_config, tokenizer_path, out_dir, dtype: torch.dtype = torch.float32,
                overwrite: bool = False, progress: dict | None = None) -> Path:
     """Write `out_dir` (normally `<output_dir>/final`) atomically: a temporary directory renamed
-    into place, so a crash never leaves a half-written export, and a failed write (a full disk) leaves
-    nothing behind.
+    into place, so a crash never leaves a half-written export, and a failed write (a full disk) removes
+    what it made (the message lists anything it could not remove).
 
     `model` is the plain module (`engine.module` for a DeepSpeed engine) or a state dict (e.g. the
     fp32 weights consolidated from a checkpoint). Under torch.distributed call it on every rank:
     ZeRO-3 parameters are gathered collectively, and only rank 0 writes. `progress` (step, tokens seen)
     goes into the safetensors header with the run config's digest and the project version. An existing `out_dir` is
     replaced only when it is an export and `overwrite` is set; anything else is refused before any
-    work. Returns `out_dir`.
+    work. Exports to one `out_dir` are serialised by a lock (`.<name>.lock` beside it): a second one
+    while the first writes is refused, and one that finds the first's result checks it again under the
+    lock (so it replaces it only with `overwrite`). Returns `out_dir`.
     """
     out_dir = Path(out_dir)
     check_export_target(out_dir, overwrite)
@@ -106,24 +110,54 @@ def save_final(model, run_config, tokenizer_path, out_dir, dtype: torch.dtype = 
         return out_dir
     tensors = plain_state_dict(sd, run_config.model, "model being exported")
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    tmp, old = (out_dir.with_name(f".{out_dir.name}.{what}{os.getpid()}") for what in ("tmp", "old"))
+    made = make_dirs(out_dir.parent)
     try:
-        tmp.mkdir(parents=True)
-        _write_export(tmp, tensors, run_config, tokenizer_path, dtype, progress or {})
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-        fsync_dir(out_dir.parent)
+        with export_lock(out_dir):
+            check_export_target(out_dir, overwrite)      # again: another export may have finished meanwhile
+            tmp.mkdir()
+            _write_export(tmp, tensors, run_config, tokenizer_path, dtype, progress or {})
+            _install(tmp, out_dir, old)
     except Exception as e:    # OSError from Python, SafetensorError from the Rust writer (e.g. a full disk)
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty_dirs(made)
+        if isinstance(e, CheckpointError):
+            raise
         why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"writing the export {out_dir} failed ({why}); nothing was left behind; free space "
-                              f"or fix permissions, then export again (scripts/export_hf.py)") from None
+        left = [str(p) for p in (tmp, old, *made) if os.path.lexists(p)]
+        kept = ("nothing was left behind" if not left else
+                f"left behind (remove by hand): {', '.join(left)}" + (f" (the earlier export is {old})"
+                                                                      if old.exists() else ""))
+        raise CheckpointError(f"writing the export {out_dir} failed ({why}); {kept}; free space or fix "
+                              f"permissions, then export again (scripts/export_hf.py)") from None
+    if os.path.lexists(old):
+        print(f"warning: exported {out_dir}, but could not delete the export it replaced, now {old}; delete it",
+              file=sys.stderr)
     return out_dir
+
+
+def export_lock(out_dir: Path) -> FileLock:
+    """The lock every export to `out_dir` holds while it writes (a file beside `out_dir`, removed after)."""
+    def refuse(holder: str) -> CheckpointError:
+        return CheckpointError(f"{out_dir}: another export is writing it now ({holder}); wait for it to end, then "
+                               f"export again (with --overwrite to replace its result), or choose another --out")
+    return FileLock(out_dir.with_name(f".{out_dir.name}.lock"), refuse)
+
+
+def _install(tmp: Path, out_dir: Path, old: Path) -> None:
+    """Rename `tmp` to `out_dir`; an earlier export there is moved to `old` first, back again when the rename
+    fails, and deleted after it succeeds."""
+    if out_dir.exists():
+        os.replace(out_dir, old)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            os.replace(old, out_dir)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+    fsync_dir(out_dir.parent)
 
 
 def export_metadata(run_config, progress: dict) -> dict:

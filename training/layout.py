@@ -5,7 +5,8 @@
       tokenizer.model        the sentencepiece model the run tokenized with
       train_log.jsonl        one JSON record per logged step and per evaluation
       tensorboard/           TensorBoard events
-      .lock                  held (flock) by the process that writes the run
+      .lock                  held (flock) by the process that writes the run, while it runs (also in the
+                             real directories of checkpoints/ and tensorboard/: training/outputs.py)
       checkpoints/step_N/    DeepSpeed's files + trainer_state_rank{r}.json + run_config.json + tokenizer.model
       checkpoints/latest     the tag of the newest complete checkpoint
       final/                 model.safetensors, config.json (transformers'), tokenizer files, run_config.json
@@ -63,10 +64,6 @@ class RunDir:
     @property
     def tensorboard(self) -> Path:
         return self.root / TENSORBOARD
-
-    @property
-    def lock(self) -> Path:
-        return self.root / LOCK
 
     def saved_run_config(self) -> Path:
         """The run config file this directory holds (the legacy name when only that exists)."""

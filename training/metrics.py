@@ -129,8 +129,11 @@ class Metrics:
             sys.stdout.flush()
 
     def _record(self, record: dict) -> None:
-        self.log.write(json.dumps(record) + "\n")
-        self.log.flush()
+        try:
+            self.log.write(json.dumps(record) + "\n")
+            self.log.flush()
+        except OSError as e:       # a write() error names no file: name it for the run's one-line message
+            raise OSError(e.errno, e.strerror, self.log.name) from e
 
     def train_step(self, step: int, *, loss: float, lr: float, grad_norm: float | None, tokens_seen: int,
                    step_tokens: int, step_time: float, velora_bytes: int | None = None) -> None:

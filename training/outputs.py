@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 import socket
 import tempfile
 import time
@@ -14,7 +13,8 @@ from pathlib import Path
 
 from .checkpoint import read_latest, step_dirs
 from .errors import RunError
-from .layout import RunDir
+from .files import make_dirs, remove_empty_dirs
+from .layout import LOCK, RunDir
 
 
 def check_output_dir(output_dir: str, resume: str | None) -> None:
@@ -53,42 +53,91 @@ def _inside(child: Path, parent: Path) -> bool:
         return False
 
 
-class RunDirLock:
-    """An exclusive flock on `<output_dir>/.lock`, holding the holder's pid and host for the message the
-    second writer gets. `release(cleanup=True)` also removes the directory when this lock created it and
-    nothing else was written there (a run refused early leaves nothing behind)."""
+class FileLock:
+    """An exclusive, non-blocking flock on the file `path` (created when missing) that holds the holder's pid
+    and host; `refuse(holder)` builds the error a second comer gets. `release()` removes the file while still
+    holding it: a process that opened the old file in between finds, once it holds the lock, that the path no
+    longer names that file, and starts over on the new one, so no two processes ever hold one path."""
 
-    def __init__(self, output_dir: str | Path):
-        self.dir = RunDir(Path(output_dir).absolute())
-        top = self.dir.root
-        while not top.parent.exists():
-            top = top.parent
-        self._created = top if not top.exists() else None     # the highest directory acquire() will create
-        self._fd = None
+    def __init__(self, path: Path, refuse):
+        self.path, self.refuse, self._fd = Path(path), refuse, None
 
-    def acquire(self) -> "RunDirLock":
-        self.dir.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.dir.lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+    def acquire(self) -> "FileLock":
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise self.refuse(holder) from None
+            try:
+                now = os.stat(self.path)
+                mine = os.fstat(fd)
+                if (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise RunError(f"train.output_dir={self.dir.root} is in use by {holder}; wait for that run to end or "
-                           f"stop it, or choose another train.output_dir") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} (since "
                      f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode())
         self._fd = fd
         return self
 
-    def release(self, cleanup: bool = False) -> None:
+    def release(self) -> None:
         if self._fd is None:
             return
+        self.path.unlink(missing_ok=True)
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
-        if cleanup and self._created is not None:
-            files = [p for p in self._created.rglob("*") if not p.is_dir()]
-            if files == [self.dir.lock]:
-                shutil.rmtree(self._created)
+
+    def __enter__(self) -> "FileLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class RunDirLock:
+    """Exclusive locks (FileLock) on `.lock` in the real path of every directory a run writes: the output
+    directory, `checkpoints/` and `tensorboard/`. A `checkpoints/` that is a symlink to a directory another
+    run also writes (directly or through its own symlink) is therefore refused like a shared output
+    directory. `release(cleanup=True)` also removes the directories acquire() created that are still empty
+    (a run refused early leaves nothing behind)."""
+
+    def __init__(self, output_dir: str | Path):
+        self.dir = RunDir(Path(output_dir).absolute())
+        self._locks: list[FileLock] = []
+        self._made: list[Path] = []        # the directories acquire() created, outermost first
+
+    def _in_use(self, d: Path, real: Path, holder: str) -> RunError:
+        if d == self.dir.root:
+            return RunError(f"train.output_dir={self.dir.root} is in use by {holder}; wait for that run to end or "
+                            f"stop it, or choose another train.output_dir")
+        return RunError(f"train.output_dir={self.dir.root}: {d.name}/ is the directory {real}, which another run "
+                        f"writes (in use by {holder}); give each run its own {d.name}/ (not a symlink to a "
+                        f"shared one), or wait for that run to end")
+
+    def acquire(self) -> "RunDirLock":
+        try:
+            held = set()
+            for d in (self.dir.root, self.dir.checkpoints, self.dir.tensorboard):
+                self._made += make_dirs(d)
+                real = d.resolve()
+                if real not in held:
+                    held.add(real)
+                    self._locks.append(FileLock(real / LOCK, lambda h, d=d, r=real: self._in_use(d, r, h)).acquire())
+        except BaseException:
+            self.release(cleanup=True)
+            raise
+        return self
+
+    def release(self, cleanup: bool = False) -> None:
+        for lock in reversed(self._locks):
+            lock.release()
+        self._locks = []
+        if cleanup:
+            remove_empty_dirs(self._made)   # only the empty ones: what the run wrote there stays
+        self._made = []

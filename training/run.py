@@ -12,17 +12,17 @@ import torch
 from data import TrainBatches, load_tokenizer, validation_batches
 
 from .build import build_engine, build_model, seed_everything
-from .checkpoint import (check_compatible, check_pickles, clean_stale, find_resume, load_checkpoint, rng_state,
-                         same_file, save_checkpoint, set_rng_state)
+from .checkpoint import (check_compatible, check_pickles, clean_stale, find_resume, load_checkpoint, read_latest,
+                         rng_state, same_file, save_checkpoint, set_rng_state)
 from .config import RunConfig, resolve_batch
-from .crash import GracefulStop, pause_point
+from .crash import GracefulStop, is_peer_failure, pause_point, peer_failure_message
 from .deepspeed_config import check_deepspeed_section
 from .distributed import barrier, init_distributed, launcher_env
-from .errors import CheckpointError, ConfigError, NonFiniteLoss
+from .errors import CheckpointError, ConfigError, NonFiniteLoss, RunError
 from .evaluate import evaluate
 from .export import save_final
 from .files import atomic_copy
-from .layout import TOKENIZER, RunDir
+from .layout import TOKENIZER, RunDir, rank_state_name
 from .metrics import Metrics, data_counts, describe_skips, flops_per_token, peak_flops
 from .outputs import RunDirLock, check_output_dir
 from .step import DataExhausted, OptimizerStep
@@ -102,7 +102,14 @@ class TrainingRun:
         self.engine, notes = build_engine(model, self.cfg)
         self._say(*notes, *self.notes)
         if self.resume_dir is not None:
-            self.load_state_dict(load_checkpoint(self.engine, self.resume_dir, self.dist.rank))
+            state = load_checkpoint(self.engine, self.resume_dir, self.dist.rank)
+            try:
+                self.load_state_dict(state)
+            except (KeyError, TypeError, ValueError, IndexError) as e:
+                what = f"has no {e} entry" if isinstance(e, KeyError) else f"holds an unusable entry ({e})"
+                raise CheckpointError(f"{self.resume_dir / rank_state_name(self.dist.rank)} {what}: the checkpoint "
+                                      f"is damaged or was not written by this project; resume from an earlier one "
+                                      f"with --resume {self.resume_dir.parent}/step_N") from None
             self.saved_at = self.step
             self._say(f"resumed from {self.resume_dir} at step {self.step} ({self.tokens_seen} tokens seen)")
 
@@ -162,7 +169,7 @@ class TrainingRun:
 
     def fit(self) -> dict | None:
         """Train to the end (or `stop_at`, or a signal); export `final/` and return the final evaluation."""
-        self.dist = init_distributed(self.local_rank)
+        self.dist = init_distributed(self.local_rank, self.cfg.train.collective_timeout_s)
         if self.dist.is_main:
             self.lock = RunDirLock(self.dir.root).acquire()
         try:
@@ -171,19 +178,44 @@ class TrainingRun:
             seed_everything(self.cfg.train.seed)
             self._setup_data()
             self._setup_model()
+            if self._stopped_before_start():
+                return None
             self._setup_outputs()
-            result = self._loop()
-            if result is not False:
-                return self._finish(result)
-            return None
+            return self._train()
+        except RuntimeError as e:
+            if not is_peer_failure(e):
+                raise
+            raise RunError(peer_failure_message(e, self.dist.rank, self.dist.world_size,
+                                                self.cfg.train.collective_timeout_s, self._last_checkpoint())) from None
         finally:
             if self.lock is not None:
                 self.lock.release(cleanup=True)
 
+    def _train(self) -> dict | None:
+        try:
+            result = self._loop()
+            return self._finish(result) if result is not False else None
+        except OSError as e:     # a full disk between saves (a save itself raises CheckpointError): the log, events
+            raise RunError(f"{e.filename or self.dir.root}: {e.strerror or e} after step {self.step}; the last "
+                           f"checkpoint is {self._last_checkpoint()}; free space or fix permissions, then resume "
+                           f"with --resume auto") from None
+
+    def _last_checkpoint(self) -> str:
+        tag = read_latest(self.dir.checkpoints, strict=False)
+        return str(self.dir.checkpoints / tag) if tag else f"none (nothing saved in {self.dir.checkpoints} yet)"
+
+    def _stopped_before_start(self) -> bool:
+        """--stop-at at or below the resumed step: train nothing (a requeued job that already reached it)."""
+        if self.stop_at is None or self.step < self.stop_at or self.step >= self.cfg.train.max_steps:
+            return False
+        self._say(f"--stop-at {self.stop_at}: the run is already at step {self.step} ({self.resume_dir}); "
+                  f"nothing to train; continue with a later --stop-at or without it")
+        return True
+
     def _loop(self):
         """Returns the last evaluation (None when none ran), or False when the run stopped early."""
         cfg, result = self.cfg, None
-        stop = GracefulStop()  # from here on SIGTERM/SIGINT mean: save at the next step boundary, exit 0
+        stop = GracefulStop()  # from here on SIGTERM/SIGINT/SIGHUP/SIGUSR1 mean: save at the next step, exit 0
         step_fn = OptimizerStep(self.engine, iter(self.batches), self.batch[2], self.dist, stop, self._phase)
         try:
             while self.step < cfg.train.max_steps and not self.data_exhausted:

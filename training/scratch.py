@@ -1,0 +1,64 @@
+"""Names a run creates for a moment beside what it keeps (a checkpoint being written, `step_N.tmp/`; one being
+replaced or deleted, `step_N.trash/`) are recorded in `<dir>/.scratch` before they are created and dropped
+from the record once gone. A killed run leaves the record behind; the next run deletes exactly the recorded
+names (`clean`) and nothing else of the directory, whatever the other names look like."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .errors import CheckpointError
+from .files import atomic_write_text, fsync_dir
+
+RECORD = ".scratch"
+
+
+def _names(d: Path) -> list[str]:
+    f = d / RECORD
+    return f.read_text().split("\n")[:-1] if f.is_file() else []
+
+
+def _write(d: Path, names: list[str]) -> None:
+    if names:
+        atomic_write_text(d / RECORD, "".join(n + "\n" for n in names))
+    elif (d / RECORD).exists():
+        (d / RECORD).unlink()
+        fsync_dir(d)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def claim(path: Path) -> Path:
+    """Record `path` as this project's scratch before creating it; a recorded leftover of a killed run is
+    removed. A `path` that exists without being recorded is not ours: CheckpointError, nothing touched."""
+    d, names = path.parent, _names(path.parent)
+    if path.name in names:
+        _remove(path)
+    elif path.exists() or path.is_symlink():
+        raise CheckpointError(f"{path}: exists but was not made by this project (it is not recorded in "
+                              f"{d / RECORD}); move it out of {d}, then run again")
+    else:
+        _write(d, names + [path.name])
+    return path
+
+
+def drop(path: Path) -> None:
+    """Forget `path` (it was renamed into place or deleted)."""
+    names = _names(path.parent)
+    if path.name in names:
+        _write(path.parent, [n for n in names if n != path.name])
+
+
+def clean(d: Path) -> list[str]:
+    """Delete the recorded scratch of `d` that still exists (leftovers of a killed run); return the names."""
+    names = _names(d)
+    gone = [n for n in names if (d / n).exists() or (d / n).is_symlink()]
+    for n in gone:
+        _remove(d / n)
+    _write(d, [])
+    return gone
