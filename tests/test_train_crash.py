@@ -264,3 +264,42 @@ def test_a_second_writer_is_refused_while_the_first_runs_and_a_dead_one_holds_no
     resumed = start(out, "--resume", "auto")           # the kernel dropped the dead process's lock
     stdout, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stdout[-3000:] + stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("fault", ["hangs", "dies"])
+def test_a_peer_that_hangs_or_dies_ends_the_other_rank_within_the_timeout_naming_the_last_checkpoint(tmp_path, fault):
+    """Two ranks started as a launcher would (RANK/WORLD_SIZE/MASTER_*); rank 1 stops mid-step 3 (gradients
+    reduced, the loss not yet: the pause hook) and then stays stopped or is killed. Rank 0 waits in the
+    loss all-reduce and must end, in one line, within train.collective_timeout_s."""
+    out, marker, timeout_s = tmp_path / "run", tmp_path / "paused", 20
+    sets = [*TINY, *EVERY, "train.save_every=2", f"train.collective_timeout_s={timeout_s}", f"train.max_steps={STEPS}",
+            f"train.output_dir={out}"]
+    cmd = [sys.executable, "train_c4.py", "--config", "configs/llama_tiny.json", *[a for s in sets for a in ("--set", s)]]
+    common = env() | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    ranks = [subprocess.Popen(cmd, cwd=REPO, env=common | {"RANK": str(r), "LOCAL_RANK": str(r)} | (
+        {"VELORA_TEST_PAUSE_AT": "step:3", "VELORA_TEST_PAUSE_MARKER": str(marker)} if r else {}),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) for r in (0, 1)]
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert ranks[0].poll() is None and time.monotonic() < deadline, "".join(ranks[0].communicate())[-3000:]
+            time.sleep(0.05)
+        paused_at = time.monotonic()
+        if fault == "dies":
+            os.killpg(ranks[1].pid, signal.SIGKILL)
+        stdout, stderr = ranks[0].communicate(timeout=timeout_s + 60)
+        took = time.monotonic() - paused_at
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+    p = subprocess.CompletedProcess(cmd, ranks[0].returncode, stdout, stderr)
+    assert_one_line_error(p, "rank 0 of 2: a collective failed because rank 1 stopped, died or hung longer than "
+                             f"train.collective_timeout_s={timeout_s} s (",
+                          f"the last checkpoint is {out / 'checkpoints' / 'step_2'}; check that rank's log, then "
+                          f"restart every rank with --resume auto")
+    assert took < timeout_s + 30, took
+    assert read_latest(out / "checkpoints") == "step_2" and not (out / ".lock").exists()
