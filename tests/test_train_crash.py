@@ -23,6 +23,7 @@ from conftest import REPO, TINY, assert_one_line_error, env, free_port, losses
 from training.checkpoint import (RUN_CONFIG, find_resume, problem, rank_state_name, read_latest,
                                  save_checkpoint)
 from training.config import load_config
+from training.crash import STOP_SIGNALS, GracefulStop
 from training.errors import CheckpointError
 from training.metrics import truncate_log
 
@@ -134,7 +135,7 @@ def test_two_processes_sigkill_in_a_checkpoint_write_then_resume(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=["SIGTERM", "SIGINT", "SIGUSR1"])
 def test_sigterm_and_sigint_save_at_the_next_step_and_exit_0(tmp_path, sig):
     out = tmp_path / "run"
     p = start(out, "--set", "train.max_steps=100000")
@@ -150,6 +151,19 @@ def test_sigterm_and_sigint_save_at_the_next_step_and_exit_0(tmp_path, sig):
         in stdout
     assert read_latest(out / "checkpoints") == f"step_{step}" and not (out / "final").exists()
     assert problem(out / "checkpoints" / f"step_{step}", 1) is None
+
+
+@pytest.mark.parametrize("sig", STOP_SIGNALS, ids=[s.name for s in STOP_SIGNALS])
+def test_every_scheduler_warning_signal_asks_for_a_save_and_nothing_else(sig):
+    before = signal.getsignal(sig)
+    stop = GracefulStop()
+    try:
+        os.kill(os.getpid(), sig)
+        assert stop.requested and stop.signal == sig.name
+    finally:
+        stop.restore()
+    assert signal.getsignal(sig) == before
+    assert {signal.SIGHUP, signal.SIGUSR1, signal.SIGTERM} <= set(STOP_SIGNALS)
 
 
 # torch.save reports a full disk as RuntimeError from its zip writer; Python file calls as OSError.

@@ -64,3 +64,37 @@ def test_two_launchers_as_two_nodes_match_one_process(reference, tmp_path):
     for line in node1.splitlines():
         assert not line.startswith(("model:", "step ", "saved checkpoint", "stopped after")), line
     assert (out / "checkpoints" / "latest").read_text() == f"step_{STOP}"
+
+
+def run_with(out, extra_env: dict, *sets) -> subprocess.CompletedProcess:
+    from training.distributed import LAUNCHER_VARS
+    clean = {k: v for k, v in env().items() if k not in LAUNCHER_VARS}
+    return subprocess.run(train_cmd(out, *sets, steps=2), cwd=REPO, env=clean | extra_env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    ({"RANK": "1", "WORLD_SIZE": "2"}, "RANK=1 and WORLD_SIZE=2 are set but MASTER_ADDR and MASTER_PORT are not"),
+    ({"RANK": "3", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+     "RANK=3 is impossible with WORLD_SIZE=2"),
+])
+def test_leftover_or_impossible_launcher_variables_fail_at_once_in_one_line(tmp_path, extra, fragment):
+    from conftest import assert_one_line_error
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    p = run_with(out, extra)
+    assert_one_line_error(p, fragment, "start the run through a launcher")
+    assert time.monotonic() - t0 < 60 and not out.exists()
+
+
+@pytest.mark.slow
+def test_a_rank_whose_peers_never_come_gives_up_after_the_collective_timeout(tmp_path):
+    from conftest import assert_one_line_error
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    p = run_with(out, {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())}, "train.collective_timeout_s=20")
+    assert_one_line_error(p, "rank 0: the other 1 process(es) of WORLD_SIZE=2 did not join at 127.0.0.1:",
+                          "within train.collective_timeout_s=20 s", "or unset RANK and WORLD_SIZE")
+    assert "rank 0: starting the process group of WORLD_SIZE=2 at 127.0.0.1:" in p.stderr
+    assert time.monotonic() - t0 < 240 and not out.exists()    # (an op build by another process may come first)

@@ -216,3 +216,54 @@ def test_waiting_on_a_stale_build_lock_names_the_file(tmp_path, monkeypatch, cap
     # the lock of this process's own (slow, first) build: no warning
     _warn_if_waiting_on_build_lock(threading.Event(), after_s=0.01, stale=False)
     assert capsys.readouterr().err == ""
+
+
+# --- requeued jobs, damaged state, a disk that fills between saves ---
+
+@pytest.mark.slow
+def test_stop_at_is_honoured_on_resume_too(tmp_path):
+    out = tmp_path / "run"
+    cli(out, steps=6, args=["--stop-at", "2"], check=True)
+    p = cli(out, steps=6, args=["--stop-at", "2", "--resume", "auto"], check=True)   # the job, requeued
+    assert f"--stop-at 2: the run is already at step 2 ({out / 'checkpoints' / 'step_2'}); nothing to train; " \
+           f"continue with a later --stop-at or without it" in p.stdout
+    assert sorted(losses(out)) == [1, 2] and not (out / "final").exists()
+    p = cli(out, steps=6, args=["--stop-at", "4", "--resume", "auto"], check=True)
+    assert sorted(losses(out)) == [1, 2, 3, 4] and "stopped after step 4 (--stop-at)" in p.stdout
+
+
+@pytest.mark.slow
+def test_a_state_file_missing_a_key_is_one_line_naming_the_file(finished, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    state = run / "checkpoints" / "step_4" / "trainer_state_rank0.json"
+    saved = json.loads(state.read_text())
+    del saved["tokens_seen"]
+    state.write_text(json.dumps(saved))
+    p = cli(run, steps=6, args=["--resume", "auto"])
+    assert_one_line_error(p, f"{state} has no 'tokens_seen' entry: the checkpoint is damaged or was not written by "
+                             f"this project; resume from an earlier one with --resume {run / 'checkpoints'}/step_N")
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_between_saves_names_the_file_and_the_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    code = ("import errno, sys, training.metrics as m\n"
+            "real = m.Metrics.train_step\n"
+            "class Full:\n"
+            "    def __init__(self, name): self.name = name\n"
+            "    def write(self, text): raise OSError(errno.ENOSPC, 'No space left on device')\n"
+            "    def close(self): pass\n"
+            "def train_step(self, step, **kw):\n"
+            "    if step == 3: self.log = Full(self.log.name)\n"
+            "    return real(self, step, **kw)\n"
+            "m.Metrics.train_step = train_step\n"
+            "import train_c4; sys.exit(train_c4.main(sys.argv[1:]))")
+    sets = [*TINY, *SMALL, "train.max_steps=4", f"train.output_dir={out}"]
+    p = subprocess.run([sys.executable, "-c", code, "--config", "configs/llama_tiny.json",
+                        *[a for s in sets for a in ("--set", s)]], cwd=REPO, env=env(), capture_output=True,
+                       text=True, timeout=300)
+    assert_one_line_error(p, f"{out / 'train_log.jsonl'}: No space left on device after step 3; the last checkpoint "
+                             f"is {out / 'checkpoints' / 'step_2'}; free space or fix permissions, then resume with "
+                             f"--resume auto")

@@ -81,6 +81,61 @@ def test_a_failed_export_leaves_nothing_behind(setup, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_failed_export_removes_the_directories_it_made_and_names_what_it_could_not(setup, tmp_path, monkeypatch):
+    import training.export as export
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(export, "save_file", full_disk)
+    out = tmp_path / "new" / "deeper" / "final"
+    with pytest.raises(CheckpointError, match=r"failed \(No space left on device\); nothing was left behind; "):
+        save_final(setup["model"], setup["rc"], setup["tok"], out)
+    assert list(tmp_path.iterdir()) == []                          # the parents it made are gone too
+    monkeypatch.setattr(export.shutil, "rmtree", lambda *a, **k: None)   # e.g. a file it may not delete
+    with pytest.raises(CheckpointError) as e:
+        save_final(setup["model"], setup["rc"], setup["tok"], out)
+    tmp = out.with_name(f".final.tmp{os.getpid()}")
+    assert f"left behind (remove by hand): {tmp}, {out.parent.parent}, {out.parent};" in str(e.value)
+    assert "nothing was left behind" not in str(e.value) and tmp.is_dir()
+
+
+def test_a_failed_replace_puts_the_earlier_export_back(setup, tmp_path, monkeypatch):
+    import training.export as export
+    out = save_final(setup["model"], setup["rc"], setup["tok"], tmp_path / "final")
+    before = (out / "model.safetensors").read_bytes()
+    real = os.replace
+
+    def replace(src, dst):
+        if ".tmp" in str(src):
+            raise OSError(5, "Input/output error")
+        return real(src, dst)
+    monkeypatch.setattr(export.os, "replace", replace)
+    with pytest.raises(CheckpointError, match=r"failed \(Input/output error\); nothing was left behind; "):
+        save_final(setup["model"], setup["rc"], setup["tok"], out, overwrite=True)
+    assert (out / "model.safetensors").read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_exports_to_one_out_are_serialised_and_never_claim_anothers_result(setup, tmp_path, monkeypatch):
+    import training.export as export
+    out = tmp_path / "final"
+    with export.export_lock(out):                 # another export is writing `out` now
+        with pytest.raises(CheckpointError, match=rf"^{out}: another export is writing it now \(pid {os.getpid()} "):
+            save_final(setup["model"], setup["rc"], setup["tok"], out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    real = export.plain_state_dict
+
+    def slow_gather(*a):                          # the other export finishes while this one gathers its weights
+        real_out = real(*a)
+        monkeypatch.setattr(export, "plain_state_dict", real)
+        save_final(setup["model"], setup["rc"], setup["tok"], out)
+        return real_out
+    monkeypatch.setattr(export, "plain_state_dict", slow_gather)
+    with pytest.raises(CheckpointError, match="already exists and holds an export; pass --overwrite"):
+        save_final(setup["model"].state_dict(), setup["rc"], setup["tok"], out, dtype=torch.bfloat16)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"   # the first one's, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
 def test_load_final_and_run_dir(setup):
     for path in (setup["final"], setup["final"].parent):  # a run dir prefers final/
         model, rc, tok = load_model(path)

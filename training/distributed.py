@@ -129,10 +129,10 @@ def _warn_if_waiting_for_peers(done: threading.Event, rank: int, world: int, tim
                                after_s: float = 15.0) -> None:
     """The rendezvous waits silently for every rank to join; say who waits for whom, and until when."""
     if world > 1 and not done.wait(after_s):
-        print(f"rank {rank}: still waiting after {after_s:.0f} s for the other {world - 1} process(es) at "
-              f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} (WORLD_SIZE={world}); giving up "
-              f"after train.collective_timeout_s={timeout_s:g} s. If no launcher started this process, unset RANK "
-              f"and WORLD_SIZE", file=sys.stderr, flush=True)
+        print(f"rank {rank}: starting the process group of WORLD_SIZE={world} at {os.environ.get('MASTER_ADDR')}:"
+              f"{os.environ.get('MASTER_PORT')} has taken {after_s:.0f} s; it waits for the other {world - 1} "
+              f"process(es) for at most train.collective_timeout_s={timeout_s:g} s. If no launcher started this "
+              f"process, unset RANK and WORLD_SIZE", file=sys.stderr, flush=True)
 
 
 def set_collective_timeout(timeout_s: float) -> timedelta:
