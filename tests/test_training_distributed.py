@@ -73,3 +73,17 @@ def test_every_process_group_gets_the_collective_timeout():
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=clean, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert [line for line in p.stdout.splitlines() if line.startswith("timeout")] == ["timeout 0:00:07"] * 2
+
+
+def test_more_local_ranks_than_cuda_devices_is_one_line(monkeypatch):
+    import torch
+
+    from training.distributed import init_distributed
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "29500", "CUDA_VISIBLE_DEVICES": "0"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RunError, match=r"^LOCAL_RANK=1 but this node shows 1 CUDA device\(s\) \(CUDA_VISIBLE_DEVICES=0"
+                                       r"\); start at most that many processes per node$"):
+        init_distributed()
