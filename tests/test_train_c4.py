@@ -22,7 +22,7 @@ def test_one_process_run_learns_and_writes_everything(reference):
     first, last = sum(loss[s] for s in range(1, 6)) / 5, sum(loss[s] for s in range(STEPS - 4, STEPS + 1)) / 5
     assert last < first - 0.5, (first, last)
     assert (out / "checkpoints" / "latest").read_text() == f"step_{STEPS}"
-    assert sorted(d.name for d in (out / "checkpoints").iterdir()) == ["latest", "step_20", "step_30"]
+    assert sorted(d.name for d in (out / "checkpoints").iterdir()) == ["healthy", "latest", "step_20", "step_30"]
     assert (out / "checkpoints" / "step_30" / "trainer_state_rank0.json").is_file()
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert {f.name for f in (out / "final").iterdir()} >= {"model.safetensors", "config.json", "tokenizer.model"}

@@ -33,6 +33,8 @@ import torch
 from .distributed import barrier
 from .errors import CheckpointError
 from .files import atomic_write_text, fsync_dir
+from .health import read_healthy
+from .integrity import has_manifest, legacy_warning, verify, write_manifest
 from .layout import CHECKPOINTS, LATEST, RUN_CONFIG, TOKENIZER, rank_state_name
 
 TAG_RE = re.compile(r"^step_(\d+)$")
@@ -102,6 +104,7 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, rank_state: dict, *, ran
         barrier()
         on_phase("checkpoint_write", step)
         if rank == 0:
+            write_manifest(tmp)           # last: it covers every rank's files
             _commit(tmp, final, ckpt_root, step, on_phase)
             prune(ckpt_root, keep_last)
         barrier()
@@ -136,10 +139,11 @@ def _commit(tmp: Path, final: Path, ckpt_root: Path, step: int, on_phase) -> Non
 
 
 def prune(ckpt_root: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` checkpoints (never the one `latest` names)."""
-    latest = read_latest(ckpt_root, strict=False)
+    """Delete all but the newest `keep_last` checkpoints (never the one `latest` names, nor the newest one
+    verified healthy: training/health.py)."""
+    keep = {read_latest(ckpt_root, strict=False), read_healthy(ckpt_root)}
     for p in step_dirs(ckpt_root)[:-keep_last]:
-        if p.name != latest:
+        if p.name not in keep:
             trash = p.with_name(p.name + ".trash")
             p.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)
@@ -227,8 +231,7 @@ def problem(step_dir: Path, world_size: int) -> str | None:
         except (ValueError, KeyError) as e:
             return f"unreadable {state0.name} ({e})"
         if saved_world != world_size:
-            return (f"written by {saved_world} processes, this run has {world_size}; resume with the same "
-                    f"number of processes")
+            return world_size_advice(step_dir, saved_world, world_size)
     missing = [n for n in [RUN_CONFIG] + [rank_state_name(r) for r in range(world_size)]
                if not (step_dir / n).is_file()]
     if not any(step_dir.glob("*model_states.pt")):
@@ -243,14 +246,25 @@ def problem(step_dir: Path, world_size: int) -> str | None:
             json.loads((step_dir / name).read_text())
         except ValueError as e:
             return f"unreadable {name} ({e})"
-    return None
+    bad = verify(step_dir)
+    return f"content check failed: {bad}" if bad else None
+
+
+def world_size_advice(step_dir: Path, saved_world: int, world_size: int) -> str:
+    """Why a checkpoint of another world size cannot be resumed, and the two supported ways on."""
+    return (f"written by {saved_world} processes, this run has {world_size}; resume with {saved_world} processes, "
+            f"or export it (scripts/export_hf.py --checkpoint {step_dir} --out DIR) and start a new run from "
+            f"the export with --set train.init_from=DIR")
 
 
 def find_resume(resume: str, ckpt_root: Path, world_size: int) -> tuple[Path | None, list[str]]:
     """Resolve `--resume auto|PATH` to a checkpoint directory (or None: start fresh) and notes.
 
-    `auto` takes the checkpoint `latest` names, falling back to the newest complete older one when
-    it is unusable. PATH may be a step directory, a checkpoints directory or a run directory.
+    `auto` takes the checkpoint `latest` names, falling back to the newest usable older one (complete,
+    matching its manifest) when it is not, and says why. It starts fresh only where there is no
+    checkpoint at all: a directory whose checkpoints are all unusable, or were written by another number
+    of processes, is refused (CheckpointError), never trained over. PATH may be a step directory, a
+    checkpoints directory or a run directory; anything wrong with it is an error.
     """
     notes = []
     if resume != "auto":
@@ -263,7 +277,7 @@ def find_resume(resume: str, ckpt_root: Path, world_size: int) -> tuple[Path | N
         if why:
             raise CheckpointError(f"--resume {resume}: {path} is not a usable checkpoint ({why}); "
                                   f"pass a checkpoints/step_N directory or --resume auto")
-        return path, notes
+        return path, notes + ([] if has_manifest(path) else [legacy_warning(path)])
     try:
         latest = read_latest(ckpt_root)
     except CheckpointError as e:
@@ -273,12 +287,29 @@ def find_resume(resume: str, ckpt_root: Path, world_size: int) -> tuple[Path | N
     if latest:
         candidates = [ckpt_root / latest] + [p for p in candidates if p.name != latest]
     for path in candidates:
+        saved = saved_world_size(path)
+        if saved is not None and saved != world_size:
+            raise CheckpointError(f"--resume auto: {path} was {world_size_advice(path, saved, world_size)}; "
+                                  f"nothing was trained or overwritten")
         why = problem(path, world_size)
         if why is None:
-            return path, notes
+            return path, notes + ([] if has_manifest(path) else [legacy_warning(path)])
         notes.append(f"warning: skipping checkpoint {path} ({why})")
-    notes.append(f"--resume auto: no usable checkpoint in {ckpt_root}; starting fresh")
+    if candidates or (ckpt_root / LATEST).exists():
+        newest = f" (newest: {notes[-1].removeprefix('warning: skipping checkpoint ')})" if candidates else ""
+        raise CheckpointError(f"--resume auto: {ckpt_root} holds checkpoints but none is usable{newest}; nothing was "
+                              f"trained or overwritten: resume from a good copy with --resume PATH, or move "
+                              f"{ckpt_root} away to start over")
+    notes.append(f"--resume auto: no checkpoint in {ckpt_root}; starting fresh")
     return None, notes
+
+
+def saved_world_size(step_dir: Path) -> int | None:
+    """The number of processes that wrote `step_dir` (from rank 0's state), None where unreadable."""
+    try:
+        return int(json.loads((step_dir / rank_state_name(0)).read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # What a checkpoint fixes: resuming with another value is refused before anything starts. The model's
