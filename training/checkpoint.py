@@ -286,6 +286,7 @@ def find_resume(resume: str, ckpt_root: Path, world_size: int) -> tuple[Path | N
     candidates = step_dirs(ckpt_root)[::-1]
     if latest:
         candidates = [ckpt_root / latest] + [p for p in candidates if p.name != latest]
+    skipped = []
     for path in candidates:
         saved = saved_world_size(path)
         if saved is not None and saved != world_size:
@@ -294,9 +295,10 @@ def find_resume(resume: str, ckpt_root: Path, world_size: int) -> tuple[Path | N
         why = problem(path, world_size)
         if why is None:
             return path, notes + ([] if has_manifest(path) else [legacy_warning(path)])
-        notes.append(f"warning: skipping checkpoint {path} ({why})")
+        skipped.append(f"{path} ({why})")
+        notes.append(f"warning: skipping checkpoint {skipped[-1]}")
     if candidates or (ckpt_root / LATEST).exists():
-        newest = f" (newest: {notes[-1].removeprefix('warning: skipping checkpoint ')})" if candidates else ""
+        newest = f" (newest: {skipped[0]})" if skipped else ""
         raise CheckpointError(f"--resume auto: {ckpt_root} holds checkpoints but none is usable{newest}; nothing was "
                               f"trained or overwritten: resume from a good copy with --resume PATH, or move "
                               f"{ckpt_root} away to start over")

@@ -11,6 +11,7 @@ the verified one; `prune` never deletes the checkpoint `healthy` names.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -57,13 +58,13 @@ def nonfinite_tensors(module: torch.nn.Module, optimizer, device: torch.device) 
 
 
 def read_healthy(ckpt_root: Path) -> str | None:
-    """The tag `checkpoints/healthy` names when that checkpoint still exists, else None."""
+    """The tag (`step_N`) `checkpoints/healthy` names when that checkpoint still exists, else None."""
     f = Path(ckpt_root) / HEALTHY
     try:
         tag = f.read_text().strip() if f.is_file() else ""
     except (OSError, UnicodeDecodeError):
         return None
-    return tag if tag and "/" not in tag and tag not in (".", "..") and (Path(ckpt_root) / tag).is_dir() else None
+    return tag if re.fullmatch(r"step_\d+", tag) and (Path(ckpt_root) / tag).is_dir() else None
 
 
 def mark_healthy(ckpt_root: Path, tag: str) -> None:

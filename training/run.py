@@ -107,7 +107,8 @@ class TrainingRun:
         if self.resume_dir is not None:
             self.load_state_dict(load_checkpoint(self.engine, self.resume_dir, self.dist.rank))
             self.saved_at = self.step
-            self.healthy = read_healthy(self.dir.checkpoints)
+            healthy = read_healthy(self.dir.checkpoints)     # not one newer than this (skipped) checkpoint
+            self.healthy = healthy if healthy and int(healthy.removeprefix("step_")) <= self.step else None
             self._say(f"resumed from {self.resume_dir} at step {self.step} ({self.tokens_seen} tokens seen)")
 
     def _setup_outputs(self) -> None:
@@ -161,7 +162,7 @@ class TrainingRun:
     def _diverged(self, what: str) -> NonFiniteLoss:
         """The error that stops a diverged run, naming the last checkpoint verified healthy. A checkpoint saved
         since, never verified, is set aside (`step_N.diverged/`) and `latest` names the verified one again."""
-        unverified = f"step_{self.saved_at}" if self.saved_at and self.verified_at != self.saved_at else None
+        unverified = f"step_{self.saved_at}" if self.saved_at else None
         aside = ""
         if unverified and unverified != self.healthy:
             kept = f"{unverified}.diverged"
