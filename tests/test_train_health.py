@@ -76,7 +76,7 @@ def test_a_flipped_byte_in_a_checkpoint_falls_back_to_the_previous_verified_one(
 @pytest.mark.slow
 @pytest.mark.parametrize("size, caught", [
     (1e10, "non-finite loss (nan) at step 11: stopped before updating the weights; last checkpoint verified "
-           "healthy: step_5; step_10, saved after it, was never verified and is kept aside as step_10.diverged"),
+           "healthy: step_5; step_10 was saved but never verified and is kept aside as step_10.diverged"),
     ("inf", "weight or optimizer-state tensor(s) hold inf or NaN after step 10: not saved; last checkpoint "
             "verified healthy: step_5 (")], ids=["huge", "inf"])
 def test_a_diverged_step_stops_naming_the_last_healthy_checkpoint_and_resuming_from_it_matches(
@@ -92,3 +92,13 @@ def test_a_diverged_step_stops_naming_the_last_healthy_checkpoint_and_resuming_f
     assert f"resumed from {ckpts / 'step_5'} at step 5" in p.stdout
     assert losses(out) == losses(reference)
     assert read_healthy(ckpts) == "step_20" and (out / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_non_finite_validation_loss_stops_before_the_save(tmp_path):
+    out = tmp_path / "run"
+    p = run(out, "--set", "train.eval_every=5", hook=(10, 1e10))
+    assert_one_line_error(p, "non-finite validation loss (nan) at step 10: not saved; last checkpoint verified "
+                             "healthy: step_5 (")
+    ckpts = out / "checkpoints"
+    assert [d.name for d in sorted(ckpts.iterdir())] == ["healthy", "latest", "step_5"]

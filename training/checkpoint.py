@@ -14,7 +14,9 @@ they are deleted, so a half-deleted directory never looks like a checkpoint. A s
 full, permissions) removes its temporary directory and raises CheckpointError: the run stops with
 the previous checkpoint intact rather than training on without one. On resume, a checkpoint with
 missing files, truncated tensor files or an unreadable state is skipped with a warning (see
-`find_resume`). Tests kill runs inside a save through the `on_phase` callback (training/crash.py).
+`find_resume`), and so is one whose files differ from its manifest.json (each file's CRC-32, written by
+rank 0 last, before the rename: training/integrity.py); `--resume auto` never starts fresh over
+checkpoints it cannot use. Tests kill runs inside a save through the `on_phase` callback (training/crash.py).
 """
 from __future__ import annotations
 

@@ -7,6 +7,10 @@ Only then does `checkpoints/healthy` name it. A finite loss whose update blows t
 never makes a checkpoint "good": the run stops at the next step's non-finite loss, sets the unverified
 checkpoint aside as `step_N.diverged/` (kept, never read by `--resume auto`) and points `latest` back at
 the verified one; `prune` never deletes the checkpoint `healthy` names.
+
+Loss-spike policy: a non-finite loss stops the run before its update is applied; a finite spike is trained
+on (no step is skipped, as in GaLore's and the usual reference trainers). A divergence that leaves the
+loss finite (weights scaled up until the model predicts uniformly) is not detected here.
 """
 from __future__ import annotations
 

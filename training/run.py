@@ -168,7 +168,7 @@ class TrainingRun:
             kept = f"{unverified}.diverged"
             if self.dist.is_main:
                 kept = set_aside(self.dir.checkpoints, unverified, self.healthy)
-            aside = f"; {unverified}, saved after it, was never verified and is kept aside as {kept}"
+            aside = f"; {unverified} was saved but never verified and is kept aside as {kept}"
         return NonFiniteLoss(f"{what}; last checkpoint verified healthy: {self.healthy or 'none'}{aside} (lower "
                              f"optim.lr or set deepspeed.gradient_clipping, then --resume auto)")
 
