@@ -22,7 +22,7 @@ def test_one_process_run_learns_and_writes_everything(reference):
     first, last = sum(loss[s] for s in range(1, 6)) / 5, sum(loss[s] for s in range(STEPS - 4, STEPS + 1)) / 5
     assert last < first - 0.5, (first, last)
     assert (out / "checkpoints" / "latest").read_text() == f"step_{STEPS}"
-    assert sorted(d.name for d in (out / "checkpoints").iterdir()) == ["latest", "step_20", "step_30"]
+    assert sorted(d.name for d in (out / "checkpoints").iterdir()) == ["healthy", "latest", "step_20", "step_30"]
     assert (out / "checkpoints" / "step_30" / "trainer_state_rank0.json").is_file()
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert {f.name for f in (out / "final").iterdir()} >= {"model.safetensors", "config.json", "tokenizer.model"}
@@ -99,9 +99,12 @@ def test_existing_run_needs_resume(tmp_path):
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
     out = tmp_path / "run"
     p = train(out, "optim.lr=1e36", "optim.warmup_ratio=0.0", "train.save_every=1", check=False)
-    assert_one_line_error(p, "non-finite loss (nan) at step 2: stopped before updating the weights; "
-                             "last good checkpoint: step_1", "--resume auto")
-    assert (out / "checkpoints" / "latest").read_text() == "step_1" and not (out / "final").exists()
+    # step_1 holds the weights the lr blew up: never verified, so set aside, not called good
+    assert_one_line_error(p, "non-finite loss (nan) at step 2: stopped before updating the weights; last checkpoint "
+                             "verified healthy: none; step_1 was saved but never verified and is kept aside as "
+                             "step_1.diverged", "--resume auto")
+    assert sorted(d.name for d in (out / "checkpoints").iterdir()) == ["step_1.diverged"]
+    assert not (out / "final").exists()
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from training.checkpoint import (RUN_CONFIG, find_resume, problem, rank_state_na
                                  save_checkpoint)
 from training.config import load_config
 from training.crash import STOP_SIGNALS, GracefulStop
+from training.integrity import write_manifest
 from training.errors import CheckpointError
 from training.metrics import truncate_log
 
@@ -106,7 +107,7 @@ def test_sigkill_anywhere_then_resume_auto_reproduces_the_run_bitwise(reference,
     assert losses(out) == losses(reference)  # bitwise: float equality of every step's loss
     evals = lambda rs: [(r["step"], r["loss"], r["galore_ppl"]) for r in rs if r["kind"] == "eval"]  # noqa: E731
     assert evals(got) == evals(want)
-    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_10", "step_15", "step_20"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["healthy", "latest", "step_10", "step_15", "step_20"]
 
 
 @pytest.mark.slow
@@ -194,7 +195,7 @@ def test_failed_save_stops_keeping_the_previous_checkpoint(tmp_path, kind):
     assert_one_line_error(p, f"saving checkpoint step_10 in {out / 'checkpoints'} failed ({why}); the previous "
                              f"checkpoint step_5 is intact; free space or fix permissions, then resume with "
                              f"--resume auto")
-    assert sorted(x.name for x in (out / "checkpoints").iterdir()) == ["latest", "step_5"]  # no step_10.tmp
+    assert sorted(x.name for x in (out / "checkpoints").iterdir()) == ["healthy", "latest", "step_5"]  # no .tmp
     assert read_latest(out / "checkpoints") == "step_5" and not (out / "final").exists()
     assert max(r["step"] for r in records(out)) == 10  # stopped: no step after the failed save
 
@@ -207,6 +208,7 @@ def fake_checkpoint(root, step):
     torch.save({"module": {}}, d / "mp_rank_00_model_states.pt")
     load_config("configs/llama_tiny.json").save(d / RUN_CONFIG)
     (d / rank_state_name(0)).write_text(json.dumps({"step": step, "world_size": 1}))
+    write_manifest(d)
     return d
 
 

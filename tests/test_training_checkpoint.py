@@ -12,6 +12,7 @@ import torch
 from training.checkpoint import (RUN_CONFIG, atomic_write_text, check_compatible, clean_stale, find_resume,
                                  prune, rank_state_name, read_latest, rng_state, set_rng_state, step_dirs)
 from training.config import load_config
+from training.integrity import write_manifest
 from training.errors import CheckpointError
 
 TINY = "configs/llama_tiny.json"
@@ -24,6 +25,7 @@ def fake_checkpoint(root, step, world=1, cfg=None):
     (cfg or load_config(TINY)).save(d / RUN_CONFIG)
     for r in range(world):
         (d / rank_state_name(r)).write_text(json.dumps({"step": step, "world_size": world}))
+    write_manifest(d)
     return d
 
 

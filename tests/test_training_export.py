@@ -11,6 +11,7 @@ from ckpt_helpers import deepspeed_checkpoints, exported_run
 from model import LlamaForCausalLM
 from training.errors import CheckpointError
 from training.export import save_final
+from training.integrity import write_manifest
 from training.load import load_model, resolve_checkpoint
 
 
@@ -31,8 +32,8 @@ def ids(vocab=128):
 def test_export_layout_is_a_plain_llama(setup):
     final = setup["final"]
     assert sorted(p.name for p in final.parent.iterdir()) == ["final"]  # no temporary directory left
-    assert sorted(p.name for p in final.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
-                                                       "run_config.json", "tokenizer.json", "tokenizer.model",
+    assert sorted(p.name for p in final.iterdir()) == ["config.json", "generation_config.json", "manifest.json",
+                                                       "model.safetensors", "run_config.json", "tokenizer.json", "tokenizer.model",
                                                        "tokenizer_config.json"]
     assert all(p.stat().st_mode & 0o044 == 0o044 for p in final.iterdir())      # group and others can read
     from safetensors.torch import load_file
@@ -218,6 +219,7 @@ def test_config_weights_mismatch(setup, tmp_path):
     raw = json.loads((final / "run_config.json").read_text())
     raw["model"]["intermediate_size"] = 96
     (final / "run_config.json").write_text(json.dumps(raw))
+    write_manifest(final)        # consistent files that do not fit together: the checks behind the manifest's
     with pytest.raises(CheckpointError) as e:
         load_model(final)
     one_line(e, final / "model.safetensors", "shape mismatch", "mlp.gate_proj.weight")
@@ -225,6 +227,7 @@ def test_config_weights_mismatch(setup, tmp_path):
     raw["model"]["intermediate_size"] = 64
     raw["model"]["num_hidden_layers"] = 3
     (final / "run_config.json").write_text(json.dumps(raw))
+    write_manifest(final)        # consistent files that do not fit together: the checks behind the manifest's
     with pytest.raises(CheckpointError) as e:
         load_model(final)
     one_line(e, final / "model.safetensors", "missing tensor", "model.layers.2.")
@@ -235,6 +238,7 @@ def test_unexpected_tensor(setup, tmp_path):
     final = copy_final(setup, tmp_path)
     tensors = load_file(final / "model.safetensors")
     save_file({**tensors, "model.extra.weight": torch.zeros(2)}, final / "model.safetensors")
+    write_manifest(final)
     with pytest.raises(CheckpointError) as e:
         load_model(final)
     one_line(e, final / "model.safetensors", "unexpected tensor", "model.extra.weight")
@@ -243,10 +247,12 @@ def test_unexpected_tensor(setup, tmp_path):
 def test_missing_companion_files(setup, tmp_path):
     final = copy_final(setup, tmp_path)
     (final / "tokenizer.model").unlink()
+    write_manifest(final)
     with pytest.raises(CheckpointError) as e:
         load_model(final)
     one_line(e, final / "tokenizer.model", "not found")
     (final / "run_config.json").unlink()
+    write_manifest(final)
     with pytest.raises(CheckpointError) as e:
         load_model(final)
     one_line(e, final / "run_config.json", "not found")

@@ -16,7 +16,9 @@ is recorded before it is made (training/scratch.py), and only recorded names are
 that fails (disk full, permissions) removes its temporary directory and raises CheckpointError: the run stops with
 the previous checkpoint intact rather than training on without one. On resume, a checkpoint with
 missing files, truncated tensor files or an unreadable state is skipped with a warning (see
-`find_resume`). Tests kill runs inside a save through the `on_phase` callback (training/crash.py).
+`find_resume`), and so is one whose files differ from its manifest.json (each file's CRC-32, written by
+rank 0 last, before the rename: training/integrity.py); `--resume auto` never starts fresh over
+checkpoints it cannot use. Tests kill runs inside a save through the `on_phase` callback (training/crash.py).
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ from . import scratch
 from .distributed import barrier
 from .errors import CheckpointError
 from .files import atomic_write_text, fsync_dir
+from .health import read_healthy
+from .integrity import has_manifest, legacy_warning, verify, write_manifest
 from .layout import CHECKPOINTS, LATEST, RUN_CONFIG, TOKENIZER, rank_state_name
 
 TAG_RE = re.compile(r"^step_(\d+)$")
@@ -103,6 +107,7 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, rank_state: dict, *, ran
         barrier()
         on_phase("checkpoint_write", step)
         if rank == 0:
+            write_manifest(tmp)           # last: it covers every rank's files
             _commit(tmp, final, ckpt_root, step, on_phase)
             prune(ckpt_root, keep_last)
         barrier()
@@ -148,10 +153,11 @@ def _delete(trash: Path) -> None:
 
 
 def prune(ckpt_root: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` checkpoints (never the one `latest` names)."""
-    latest = read_latest(ckpt_root, strict=False)
+    """Delete all but the newest `keep_last` checkpoints (never the one `latest` names, nor the newest one
+    verified healthy: training/health.py)."""
+    keep = {read_latest(ckpt_root, strict=False), read_healthy(ckpt_root)}
     for p in step_dirs(ckpt_root)[:-keep_last]:
-        if p.name != latest:
+        if p.name not in keep:
             trash = scratch.claim(p.with_name(p.name + ".trash"))
             p.rename(trash)
             _delete(trash)
@@ -239,8 +245,7 @@ def problem(step_dir: Path, world_size: int) -> str | None:
         except (ValueError, KeyError) as e:
             return f"unreadable {state0.name} ({e})"
         if saved_world != world_size:
-            return (f"written by {saved_world} processes, this run has {world_size}; resume with the same "
-                    f"number of processes")
+            return world_size_advice(step_dir, saved_world, world_size)
     missing = [n for n in [RUN_CONFIG] + [rank_state_name(r) for r in range(world_size)]
                if not (step_dir / n).is_file()]
     if not any(step_dir.glob("*model_states.pt")):
@@ -255,14 +260,25 @@ def problem(step_dir: Path, world_size: int) -> str | None:
             json.loads((step_dir / name).read_text())
         except ValueError as e:
             return f"unreadable {name} ({e})"
-    return None
+    bad = verify(step_dir)
+    return f"content check failed: {bad}" if bad else None
+
+
+def world_size_advice(step_dir: Path, saved_world: int, world_size: int) -> str:
+    """Why a checkpoint of another world size cannot be resumed, and the two supported ways on."""
+    return (f"written by {saved_world} processes, this run has {world_size}; resume with {saved_world} processes, "
+            f"or export it (scripts/export_hf.py --checkpoint {step_dir} --out DIR) and start a new run from "
+            f"the export with --set train.init_from=DIR")
 
 
 def find_resume(resume: str, ckpt_root: Path, world_size: int) -> tuple[Path | None, list[str]]:
     """Resolve `--resume auto|PATH` to a checkpoint directory (or None: start fresh) and notes.
 
-    `auto` takes the checkpoint `latest` names, falling back to the newest complete older one when
-    it is unusable. PATH may be a step directory, a checkpoints directory or a run directory.
+    `auto` takes the checkpoint `latest` names, falling back to the newest usable older one (complete,
+    matching its manifest) when it is not, and says why. It starts fresh only where there is no
+    checkpoint at all: a directory whose checkpoints are all unusable, or were written by another number
+    of processes, is refused (CheckpointError), never trained over. PATH may be a step directory, a
+    checkpoints directory or a run directory; anything wrong with it is an error.
     """
     notes = []
     if resume != "auto":
@@ -275,7 +291,7 @@ def find_resume(resume: str, ckpt_root: Path, world_size: int) -> tuple[Path | N
         if why:
             raise CheckpointError(f"--resume {resume}: {path} is not a usable checkpoint ({why}); "
                                   f"pass a checkpoints/step_N directory or --resume auto")
-        return path, notes
+        return path, notes + ([] if has_manifest(path) else [legacy_warning(path)])
     try:
         latest = read_latest(ckpt_root)
     except CheckpointError as e:
@@ -284,13 +300,32 @@ def find_resume(resume: str, ckpt_root: Path, world_size: int) -> tuple[Path | N
     candidates = step_dirs(ckpt_root)[::-1]
     if latest:
         candidates = [ckpt_root / latest] + [p for p in candidates if p.name != latest]
+    skipped = []
     for path in candidates:
+        saved = saved_world_size(path)
+        if saved is not None and saved != world_size:
+            raise CheckpointError(f"--resume auto: {path} was {world_size_advice(path, saved, world_size)}; "
+                                  f"nothing was trained or overwritten")
         why = problem(path, world_size)
         if why is None:
-            return path, notes
-        notes.append(f"warning: skipping checkpoint {path} ({why})")
-    notes.append(f"--resume auto: no usable checkpoint in {ckpt_root}; starting fresh")
+            return path, notes + ([] if has_manifest(path) else [legacy_warning(path)])
+        skipped.append(f"{path} ({why})")
+        notes.append(f"warning: skipping checkpoint {skipped[-1]}")
+    if candidates or (ckpt_root / LATEST).exists():
+        newest = f" (newest: {skipped[0]})" if skipped else ""
+        raise CheckpointError(f"--resume auto: {ckpt_root} holds checkpoints but none is usable{newest}; nothing was "
+                              f"trained or overwritten: resume from a good copy with --resume PATH, or move "
+                              f"{ckpt_root} away to start over")
+    notes.append(f"--resume auto: no checkpoint in {ckpt_root}; starting fresh")
     return None, notes
+
+
+def saved_world_size(step_dir: Path) -> int | None:
+    """The number of processes that wrote `step_dir` (from rank 0's state), None where unreadable."""
+    try:
+        return int(json.loads((step_dir / rank_state_name(0)).read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # What a checkpoint fixes: resuming with another value is refused before anything starts. The model's

@@ -57,6 +57,8 @@ def parse_args(argv):
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="read a DeepSpeed checkpoint without checking its pickles first (only for trusted ones)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="evaluate weights that hold inf or NaN (refused by default: the run diverged)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
@@ -75,7 +77,8 @@ def evaluate_checkpoint(argv) -> int:
     # Libraries' notes go to stderr, so stdout holds only our report (one JSON object with --json).
     with contextlib.redirect_stdout(sys.stderr):
         src = resolve_checkpoint(args.checkpoint)
-        model, run_config, tokenizer = load_source(src, device=args.device, trust=args.trust_checkpoint)
+        model, run_config, tokenizer = load_source(src, device=args.device, trust=args.trust_checkpoint,
+                                                   allow_nonfinite=args.allow_nonfinite)
         changes = data_source(args.data)
         if args.max_tokens:
             changes["val_tokens"] = args.max_tokens

@@ -24,8 +24,10 @@ from safetensors.torch import save_file
 from model import LlamaConfig, LlamaForCausalLM
 from training.errors import CheckpointError
 from training.files import fsync_dir, make_dirs, remove_empty_dirs
+from training.health import check_finite
 from training.outputs import FileLock
 from training.hf_files import GENERATION_CONFIG, HF_TOKENIZER_FILES, write_hf_files
+from training.integrity import MANIFEST, write_manifest
 from training.layout import HF_CONFIG, RUN_CONFIG, TOKENIZER, WEIGHTS
 from velora import strip_state_dict
 
@@ -70,7 +72,7 @@ def _gathered_state_dict(model: torch.nn.Module) -> dict:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-EXPORT_FILES = (WEIGHTS, HF_CONFIG, TOKENIZER, RUN_CONFIG, GENERATION_CONFIG, *HF_TOKENIZER_FILES)
+EXPORT_FILES = (WEIGHTS, HF_CONFIG, TOKENIZER, RUN_CONFIG, GENERATION_CONFIG, MANIFEST, *HF_TOKENIZER_FILES)
 
 
 def is_export(path: Path) -> bool:
@@ -89,7 +91,7 @@ def check_export_target(out_dir: Path, overwrite: bool) -> None:
 
 
 def save_final(model, run_config, tokenizer_path, out_dir, dtype: torch.dtype = torch.float32,
-               overwrite: bool = False, progress: dict | None = None) -> Path:
+               overwrite: bool = False, progress: dict | None = None, allow_nonfinite: bool = False) -> Path:
     """Write `out_dir` (normally `<output_dir>/final`) atomically: a temporary directory renamed
     into place, so a crash never leaves a half-written export, and a failed write (a full disk) removes
     what it made (the message lists anything it could not remove).
@@ -101,7 +103,9 @@ def save_final(model, run_config, tokenizer_path, out_dir, dtype: torch.dtype = 
     replaced only when it is an export and `overwrite` is set; anything else is refused before any
     work. Exports to one `out_dir` are serialised by a lock (`.<name>.lock` beside it): a second one
     while the first writes is refused, and one that finds the first's result checks it again under the
-    lock (so it replaces it only with `overwrite`). Returns `out_dir`.
+    lock (so it replaces it only with `overwrite`).
+    Weights holding inf or NaN are refused unless `allow_nonfinite`. `manifest.json` (the files'
+    content hashes, training/integrity.py) is written last. Returns `out_dir`.
     """
     out_dir = Path(out_dir)
     check_export_target(out_dir, overwrite)
@@ -109,6 +113,8 @@ def save_final(model, run_config, tokenizer_path, out_dir, dtype: torch.dtype = 
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return out_dir
     tensors = plain_state_dict(sd, run_config.model, "model being exported")
+    if not allow_nonfinite:
+        check_finite(tensors, f"the model being exported to {out_dir}")
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
     tmp, old = (out_dir.with_name(f".{out_dir.name}.{what}{os.getpid()}") for what in ("tmp", "old"))
     made = make_dirs(out_dir.parent)
@@ -178,4 +184,5 @@ def _write_export(tmp: Path, tensors: dict, run_config, tokenizer_path, dtype: t
         os.chmod(f, 0o666 & ~umask)        # safetensors writes 0600: colleagues must be able to read
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    write_manifest(tmp)
     fsync_dir(tmp)

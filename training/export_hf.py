@@ -20,6 +20,8 @@ def export(argv) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="read a DeepSpeed checkpoint without checking its pickles first (only for trusted ones)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="export weights that hold inf or NaN (refused by default: the run diverged)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     import torch
@@ -29,9 +31,9 @@ def export(argv) -> int:
 
     check_export_target(args.out, args.overwrite)     # before the (slow) load
     src = resolve_checkpoint(args.checkpoint)
-    model, run_config, _ = load_source(src, trust=args.trust_checkpoint)
+    model, run_config, _ = load_source(src, trust=args.trust_checkpoint, allow_nonfinite=args.allow_nonfinite)
     out = save_final(model, run_config, src.tokenizer_file, args.out, dtype=getattr(torch, args.dtype),
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite)
     print(f"exported {src.dir} ({src.kind}) to {out}: model.safetensors ({args.dtype}), config.json, "
           f"tokenizer.model, run_config.json")
     return 0

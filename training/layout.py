@@ -8,8 +8,12 @@
       .lock                  held (flock) by the process that writes the run, while it runs (also in the
                              real directories of checkpoints/ and tensorboard/: training/outputs.py)
       checkpoints/step_N/    DeepSpeed's files + trainer_state_rank{r}.json + run_config.json + tokenizer.model
+                             + manifest.json (every file's size and CRC-32, written last: training/integrity.py)
       checkpoints/latest     the tag of the newest complete checkpoint
-      final/                 model.safetensors, config.json (transformers'), tokenizer files, run_config.json
+      checkpoints/healthy    the tag of the newest checkpoint verified healthy (training/health.py)
+      checkpoints/step_N.diverged/  a checkpoint set aside after the run diverged (kept, never resumed)
+      final/                 model.safetensors, config.json (transformers'), tokenizer files, run_config.json,
+                             manifest.json
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ TRAIN_LOG = "train_log.jsonl"
 TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+HEALTHY = "healthy"
+MANIFEST = "manifest.json"
 FINAL = "final"
 LOCK = ".lock"
 ZERO0_MODEL_FILE = "mp_rank_00_model_states.pt"

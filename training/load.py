@@ -24,6 +24,8 @@ from training.checkpoint import broken_archives, check_pickles, read_latest, saf
 from training.config import RunConfig, load_config
 from training.errors import CheckpointError, ConfigError
 from training.export import plain_state_dict
+from training.health import check_finite
+from training.integrity import check_directory
 from training.layout import CHECKPOINTS, FINAL, LATEST, RUN_CONFIG, TOKENIZER, WEIGHTS, ZERO0_MODEL_FILE, RunDir
 
 log = logging.getLogger(__name__)
@@ -141,7 +143,7 @@ def load_tokenizer_file(file: Path, run_config: RunConfig):
     return load_tokenizer(data_cfg, run_config.model.vocab_size)
 
 
-def load_model(path, device="cpu", trust: bool = False):
+def load_model(path, device="cpu", trust: bool = False, allow_nonfinite: bool = False):
     """Load a trained model for evaluation or further work: returns `(model, run_config, tokenizer)`.
 
     `path`: an exported `final/` (preferred: safetensors), a run output directory, its
@@ -152,12 +154,16 @@ def load_model(path, device="cpu", trust: bool = False):
     The tokenizer is the `data` Tokenizer saved with the checkpoint (its `.model_path` is the file).
     Bad input raises `CheckpointError` with a one-line message naming the file. A DeepSpeed checkpoint
     holding anything outside the allow-list of what DeepSpeed writes is refused unless `trust` is set.
+    Every file is first checked against the directory's manifest (training/integrity.py; a directory
+    written before manifests existed is read with a warning), and weights holding inf or NaN are refused
+    unless `allow_nonfinite`.
     """
-    return load_source(resolve_checkpoint(path), device, trust)
+    return load_source(resolve_checkpoint(path), device, trust, allow_nonfinite)
 
 
-def load_source(src: CheckpointSource, device="cpu", trust: bool = False):
+def load_source(src: CheckpointSource, device="cpu", trust: bool = False, allow_nonfinite: bool = False):
     """`load_model` for a source `resolve_checkpoint` already found (scripts report where it is)."""
+    check_directory(src.dir, log.warning)
     run_config = _read_run_config(src.config_file)
     if src.kind == "safetensors":
         weights_file = src.dir / WEIGHTS
@@ -166,6 +172,8 @@ def load_source(src: CheckpointSource, device="cpu", trust: bool = False):
         weights_file = src.dir
         state = deepspeed_state_dict(src.dir, trust)
     state = plain_state_dict(state, run_config.model, str(weights_file))
+    if not allow_nonfinite:
+        check_finite(state, str(weights_file))
     tokenizer = load_tokenizer_file(src.tokenizer_file, run_config)
     model = LlamaForCausalLM(run_config.model)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})

@@ -3,6 +3,7 @@
 evaluation, checkpoints and the export."""
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from .errors import CheckpointError, ConfigError, NonFiniteLoss, RunError
 from .evaluate import evaluate
 from .export import save_final
 from .files import atomic_copy
+from .health import mark_healthy, nonfinite_tensors, read_healthy, set_aside
 from .layout import TOKENIZER, RunDir, rank_state_name
 from .metrics import Metrics, data_counts, describe_skips, flops_per_token, peak_flops
 from .outputs import RunDirLock, check_output_dir
@@ -56,6 +58,7 @@ class TrainingRun:
             if not trust_checkpoint and local_rank_here == 0:   # one process per node reads them
                 check_pickles(self.resume_dir)
         self.step, self.tokens_seen, self.saved_at, self.data_exhausted = 0, 0, 0, False
+        self.verified_at, self.healthy = None, None   # training/health.py: verified weights and checkpoint
         self.batches = self.engine = self.metrics = self.lock = None
 
     # --- the state every checkpoint holds (one per rank) ----------------------------------------
@@ -111,6 +114,8 @@ class TrainingRun:
                                       f"is damaged or was not written by this project; resume from an earlier one "
                                       f"with --resume {self.resume_dir.parent}/step_N") from None
             self.saved_at = self.step
+            healthy = read_healthy(self.dir.checkpoints)     # not one newer than this (skipped) checkpoint
+            self.healthy = healthy if healthy and int(healthy.removeprefix("step_")) <= self.step else None
             self._say(f"resumed from {self.resume_dir} at step {self.step} ({self.tokens_seen} tokens seen)")
 
     def _setup_outputs(self) -> None:
@@ -138,11 +143,41 @@ class TrainingRun:
                 + f" | pid {os.getpid()}")
 
     def save(self) -> None:
+        """Save a checkpoint of this step; refused (the run stops) when a weight or optimizer-state tensor is
+        not finite."""
+        bad = nonfinite_tensors(self.engine.module, self.engine.optimizer, self.dist.device)
+        if bad:
+            raise self._diverged(f"{bad} weight or optimizer-state tensor(s) hold inf or NaN after step {self.step}: "
+                                 f"not saved")
         path = save_checkpoint(self.engine, self.dir.checkpoints, self.step, self.state_dict(), rank=self.dist.rank,
                                run_config=self.cfg, tokenizer_path=self.tokenizer.model_path,
                                keep_last=self.cfg.train.keep_last, on_phase=self._phase)
         self.saved_at = self.step
         self.metrics.print(f"saved checkpoint {path}")
+        if self.verified_at == self.step:      # evaluated at this step: verified already
+            self._verified(self.step)
+
+    # --- health (training/health.py) ----------------------------------------------------------
+    def _verified(self, step: int) -> None:
+        """The weights as they were after `step` gave a finite loss: a checkpoint of them is verified healthy."""
+        self.verified_at = step
+        if step and self.saved_at == step and self.healthy != f"step_{step}":
+            self.healthy = f"step_{step}"
+            if self.dist.is_main:
+                mark_healthy(self.dir.checkpoints, self.healthy)
+
+    def _diverged(self, what: str) -> NonFiniteLoss:
+        """The error that stops a diverged run, naming the last checkpoint verified healthy. A checkpoint saved
+        since, never verified, is set aside (`step_N.diverged/`) and `latest` names the verified one again."""
+        unverified = f"step_{self.saved_at}" if self.saved_at else None
+        aside = ""
+        if unverified and unverified != self.healthy:
+            kept = f"{unverified}.diverged"
+            if self.dist.is_main:
+                kept = set_aside(self.dir.checkpoints, unverified, self.healthy)
+            aside = f"; {unverified} was saved but never verified and is kept aside as {kept}"
+        return NonFiniteLoss(f"{what}; last checkpoint verified healthy: {self.healthy or 'none'}{aside} (lower "
+                             f"optim.lr or set deepspeed.gradient_clipping, then --resume auto)")
 
     # --- the loop ------------------------------------------------------------------------------
     def _train_step(self, step_fn: OptimizerStep) -> None:
@@ -152,8 +187,8 @@ class TrainingRun:
         try:
             loss, step_tokens, grad_norm, lr = step_fn(self.step + 1)
         except NonFiniteLoss as e:
-            raise NonFiniteLoss(f"{e}; last good checkpoint: {f'step_{self.saved_at}' if self.saved_at else 'none'} "
-                                f"(lower optim.lr or set deepspeed.gradient_clipping, then --resume auto)") from None
+            raise self._diverged(str(e)) from None
+        self._verified(self.step)     # this step's finite loss came from the weights of the step before
         self.step += 1
         self.tokens_seen += step_tokens
         self.metrics.train_step(self.step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_seen=self.tokens_seen,
@@ -161,10 +196,19 @@ class TrainingRun:
                                 velora_bytes=stored_bytes(self.engine.module) if self.velora_summary else None)
 
     def _evaluate(self) -> dict:
-        result = evaluate(self.engine.module, self.val_batches)
+        result = self._checked_evaluation()
         self._phase("eval", self.step)
         self.metrics.evaluation(self.step, result)
         self.metrics.data(self.step, data_counts(self.batches.stats, self.dist.device))
+        return result
+
+    def _checked_evaluation(self) -> dict:
+        """Evaluate; a non-finite validation loss stops the run as a diverged one, a finite one verifies the
+        weights of this step."""
+        result = evaluate(self.engine.module, self.val_batches)
+        if not math.isfinite(result["loss"]):
+            raise self._diverged(f"non-finite validation loss ({result['loss']}) at step {self.step}: not saved")
+        self._verified(self.step)
         return result
 
     def fit(self) -> dict | None:
@@ -233,6 +277,8 @@ class TrainingRun:
                 if self.step % cfg.train.eval_every == 0 or last:
                     try:
                         result = self._evaluate()
+                    except NonFiniteLoss:
+                        raise                # diverged: nothing to save
                     except Exception:
                         self.save()          # an evaluation that fails must not cost the steps since the last save
                         raise
@@ -251,7 +297,7 @@ class TrainingRun:
 
     def _finish(self, result: dict | None) -> dict:
         if result is None:  # resumed a finished run: evaluate what the checkpoint holds
-            result = evaluate(self.engine.module, self.val_batches)
+            result = self._checked_evaluation()
         final = save_final(self.engine.module, self.cfg, self.tokenizer.model_path, self.dir.final, overwrite=True,
                            progress={"step": self.step, "tokens_seen": self.tokens_seen})
         self._say(f"exported {final} (last checkpoint: step {self.saved_at})",
