@@ -77,18 +77,19 @@ def test_two_ranks_two_workers_partition_the_single_process_stream(tmp_path, sha
     assert Counter(parts[0]) + Counter(parts[1]) == Counter(single)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_continues_with_the_next_unseen_batch(tmp_path, workers):
+@pytest.mark.parametrize("workers, cuda", [(0, False), (2, False), ("auto", True)])
+def test_resume_continues_with_the_next_unseen_batch(tmp_path, workers, cuda):
+    """In process, with workers, and with the workers a GPU run gets by default (pinning left out: no GPU here)."""
     make_corpus(tmp_path, [23, 31])
-    cfg, tok = cfg_for(tmp_path, num_workers=workers), NumTokenizer()
-    ref = TrainBatches(cfg, tok, batch_size=3)
+    cfg, tok = cfg_for(tmp_path, num_workers=workers, pin_memory=False), NumTokenizer()
+    ref = TrainBatches(cfg, tok, batch_size=3, cuda=cuda)
     expected = [next(ref) for _ in range(40)]  # > 1 epoch of this corpus
-    assert ref.stats["epoch"] >= 1
-    first = TrainBatches(cfg, tok, batch_size=3)
+    assert ref.stats["epoch"] >= 1 and ref.workers == cfg.loader(cuda)[0]
+    first = TrainBatches(cfg, tok, batch_size=3, cuda=cuda)
     for _ in range(7):
         next(first)
     state = json.loads(json.dumps(first.state_dict()))
-    resumed = TrainBatches(cfg, tok, batch_size=3)
+    resumed = TrainBatches(cfg, tok, batch_size=3, cuda=cuda)
     resumed.load_state_dict(state)
     for want in expected[7:]:
         got = next(resumed)

@@ -287,8 +287,8 @@ def find_resume(resume: str, ckpt_root: Path, world_size: int) -> tuple[Path | N
 # memory options change nothing that is computed; settings not listed here (lr, schedule lengths, eval and
 # save cadence, validation size, epochs) may change on resume and are listed in a note.
 MEMORY_ONLY = ("loss_chunk_size", "recompute_swiglu", "activation_checkpointing")
-FIXED = {"data": ("source", "path", "tokenizer", "seq_len", "packing", "shuffle_buffer", "seed", "num_workers",
-                  "add_bos"),
+# data.num_workers is checked by the data state itself, resolved (`auto` is a number of workers there).
+FIXED = {"data": ("source", "path", "tokenizer", "seq_len", "packing", "shuffle_buffer", "seed", "add_bos"),
          "optim": ("name", "galore_rank", "galore_update_proj_gap", "galore_proj_type", "galore_targets", "galore_scale"),
          "deepspeed": ("zero_optimization.stage", "bf16.enabled", "fp16.enabled", "train_batch_size",
                        "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")}

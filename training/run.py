@@ -94,7 +94,8 @@ class TrainingRun:
                                               rank=dist.rank, world_size=dist.world_size)
         if dist.is_main:
             barrier()
-        self.batches = TrainBatches(cfg.data, self.tokenizer, micro, rank=dist.rank, world_size=dist.world_size)
+        self.batches = TrainBatches(cfg.data, self.tokenizer, micro, rank=dist.rank, world_size=dist.world_size,
+                                    cuda=dist.device.type == "cuda")
 
     def _setup_model(self) -> None:
         model, summary = build_model(self.cfg)
