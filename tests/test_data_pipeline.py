@@ -12,7 +12,7 @@ import torch
 
 from conftest import EOS, NumTokenizer, cfg_for, make_corpus
 from data import TrainBatches, validation_batches
-from data.packing import IGNORE, pack_concat, pack_galore
+from data.packing import IGNORE, pack_concat, pack_galore, predicted_tokens, processed_positions
 
 def rows_of(batches):
     return [tuple(r) for x, _ in batches for r in x.tolist()]
@@ -168,3 +168,12 @@ def test_validation_smaller_than_val_tokens_uses_all_and_warns(tmp_path, caplog)
     make_corpus(tmp_path, [23], val_docs=3)
     batches = validation_batches(cfg_for(tmp_path, val_tokens=10**6), NumTokenizer(), 4)
     assert batches and "fewer than data.val_tokens" in caplog.text
+
+
+def test_processed_positions_leave_out_only_the_padding_at_the_end_of_rows():
+    docs = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
+    inputs, labels = pack_concat(docs, 4, eos_id=1, pad_id=0)
+    assert processed_positions(labels) == 3 + 1 + 5 + 3 and predicted_tokens(labels) == 12 - len(inputs)
+    inputs, labels = pack_galore(docs, 4, eos_id=1, pad_id=0)
+    assert processed_positions(labels) == 4 + 2 + 4
+    assert processed_positions(torch.full((2, 4), IGNORE)) == 0

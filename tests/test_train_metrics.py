@@ -56,17 +56,6 @@ def test_mfu_counts_processed_positions_and_memory_is_logged_at_log_steps(tmp_pa
     assert record["peak_rss"] > 0
 
 
-def test_processed_positions_leave_out_only_the_padding_at_the_end_of_rows():
-    from data.packing import IGNORE, pack_concat, pack_galore, predicted_tokens, processed_positions
-
-    docs = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
-    inputs, labels = pack_concat(docs, 4, eos_id=1, pad_id=0)
-    assert processed_positions(labels) == 3 + 1 + 5 + 3 and predicted_tokens(labels) == 12 - len(inputs)
-    inputs, labels = pack_galore(docs, 4, eos_id=1, pad_id=0)
-    assert processed_positions(labels) == 4 + 2 + 4
-    assert processed_positions(torch.full((2, 4), IGNORE)) == 0
-
-
 def test_flops_and_peaks():
     cfg = LlamaConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
                       num_attention_heads=2, max_sequence_length=32)
