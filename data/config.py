@@ -7,6 +7,12 @@ from pathlib import Path
 
 from training.errors import DataError, check_choice
 
+# DataLoader worker processes per rank that `data.num_workers=auto` gives on a GPU: what llama_60m at 40% MFU
+# consumes on one H100, from one core's measured pipeline rate, plus one spare (docs/BENCHMARKS.md, "Data
+# pipeline per core"). A constant, not the machine's core count: the data position of a checkpoint depends
+# on the number of readers, so the same config resumes on any machine.
+AUTO_WORKERS_CUDA = 5
+
 
 @dataclass
 class DataConfig:
@@ -20,7 +26,9 @@ class DataConfig:
     shuffle_buffer: int = 10000      # documents per shuffled chunk (the unit of shuffling, sharding and resume)
     seed: int = 42
     val_tokens: int = 10_000_000     # the fixed validation slice (GaLore evaluates 10M tokens)
-    num_workers: int = 0
+    # DataLoader worker processes per rank: auto = AUTO_WORKERS_CUDA on a GPU, 0 (read in the training process) on CPU
+    num_workers: int | str = "auto"
+    pin_memory: bool | str = "auto"  # page-locked batches, copied to the GPU without a host sync: auto = on a GPU
     cache_dir: str = ""              # builtin corpus/tokenizer cache; default $VELORA_CACHE or ~/.cache/velora
     max_bad_fraction: float = 0.01   # more malformed lines than this (per shard) is an error
     epochs: int = 0                  # stop after this many passes over the train split; 0 = stream forever
@@ -39,9 +47,12 @@ class DataConfig:
                 raise DataError(f"data.{name}: must be positive, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise DataError(f"data.seq_len: must be at least 2, got {self.seq_len}")
-        for name in ("num_workers", "epochs"):
-            if getattr(self, name) < 0:
-                raise DataError(f"data.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.epochs < 0:
+            raise DataError(f"data.epochs: must be >= 0, got {self.epochs}")
+        if self.num_workers != "auto" and not (type(self.num_workers) is int and self.num_workers >= 0):
+            raise DataError(f"data.num_workers: expected a number >= 0 or auto, got {self.num_workers!r}")
+        if self.pin_memory not in (True, False, "auto"):
+            raise DataError(f"data.pin_memory: expected true, false or auto, got {self.pin_memory!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise DataError(f"data.seed: must be >= 0, got {self.seed}")
         if self.cache_dir and Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():
@@ -56,6 +67,14 @@ class DataConfig:
     def bos(self) -> bool:
         """Whether documents start with BOS (`add_bos` resolved)."""
         return self.packing == "concat" if self.add_bos == "auto" else self.add_bos
+
+    def loader(self, cuda: bool) -> tuple[int, bool]:
+        """(DataLoader workers, pin memory) with `auto` resolved for a run on a GPU (`cuda`) or on CPU."""
+        if self.pin_memory is True and not cuda:
+            raise DataError("data.pin_memory=true: page-locked memory is for copies to a GPU and this run has none; "
+                            "set data.pin_memory=auto (or false)")
+        workers = (AUTO_WORKERS_CUDA if cuda else 0) if self.num_workers == "auto" else self.num_workers
+        return workers, cuda if self.pin_memory == "auto" else self.pin_memory
 
     @property
     def cache_path(self) -> Path:

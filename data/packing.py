@@ -55,3 +55,13 @@ def predicted_tokens(labels) -> int:
     """Positions a causal LM is trained or evaluated on in `labels` (rows aligned with the inputs): the
     model shifts, so position t predicts label t+1 and the first label of a row is never predicted."""
     return int((labels[:, 1:] != IGNORE).sum())
+
+
+def processed_positions(labels) -> int:
+    """Positions of `labels`' rows that hold a token, i.e. all but the padding, which both packings put only
+    at the end of a row: up to each row's last label that is not IGNORE. Unlike `predicted_tokens`, a row's
+    first position and a document's BOS count (the model processes them); a BOS in a row's very last
+    position is taken for padding. What MFU is counted on."""
+    real = np.asarray(labels) != IGNORE
+    last = real.shape[1] - np.argmax(real[:, ::-1], axis=1)     # one past each row's last real label
+    return int(np.where(real.any(axis=1), last, 0).sum())

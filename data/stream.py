@@ -4,8 +4,8 @@ The unit of everything is the *chunk*: `data.shuffle_buffer` consecutive records
 A chunk is read, its documents are shuffled (seeded by seed, epoch, shard and chunk), tokenized and
 packed on its own (data/packing.py), so the rows of a chunk do not depend on who reads it.
 
-Sharding. There are N = world_size x max(num_workers, 1) readers; reader r*K + w is rank r's
-worker w. Each epoch visits the shards in an order shuffled with seed + epoch.
+Sharding. There are N = world_size x max(workers, 1) readers (workers: `data.num_workers` resolved, see
+DataConfig.loader); reader r*K + w is rank r's worker w. Each epoch visits the shards in an order shuffled with seed + epoch.
 - Shard level, when the shards split evenly, or there are >= 64 per reader, or they are the Hub's
   (C4: 1024 train shards) and there are at least N: reader i reads the shards at positions
   p = i mod N and never opens the others.
@@ -131,9 +131,8 @@ def _start_pos() -> dict:
 
 
 def _slot_batches(cfg: DataConfig, tokenizer, shards: list, batch_size: int, rank: int, world_size: int,
-                  slot: int, pos: dict, stats: Counter):
-    """Batches of reader slot `slot` of this rank, each with the slot's position and counts after it."""
-    slots = max(cfg.num_workers, 1)
+                  slots: int, slot: int, pos: dict, stats: Counter):
+    """Batches of reader slot `slot` of this rank's `slots`, each with the slot's position and counts after it."""
     rows = read_rows(cfg, tokenizer, shards, rank * slots + slot, world_size * slots, pos, stats,
                      cfg.shuffle_buffer, epochs=cfg.epochs)
     while batch := list(islice(rows, batch_size)):
@@ -163,15 +162,18 @@ class TrainBatches:
     `.stats` counts what was read and skipped (docs, tokens, empty_docs, bad_json, bad_utf8,
     missing_text, blank_lines, empty_shards, truncated_docs) and the current `epoch`.
     `state_dict()` / `load_state_dict()` resume at the next unseen row (see the module docstring);
-    the state is per rank: save every rank's.
+    the state is per rank: save every rank's. `cuda`: batches are for a GPU (`data.num_workers` and
+    `data.pin_memory` resolved for it: workers and page-locked batches by default).
     """
 
-    def __init__(self, cfg: DataConfig, tokenizer, batch_size: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: DataConfig, tokenizer, batch_size: int, rank: int = 0, world_size: int = 1,
+                 cuda: bool = False):
         if batch_size <= 0 or not 0 <= rank < world_size:
             raise DataError(f"data: bad batch_size={batch_size} / rank={rank} / world_size={world_size}")
         self.cfg, self.tokenizer, self.batch_size = cfg, tokenizer, batch_size
         self.rank, self.world_size = rank, world_size
-        self.slots = max(cfg.num_workers, 1)
+        self.workers, self.pin = cfg.loader(cuda)
+        self.slots = max(self.workers, 1)
         self.shards = split_shards(cfg, "train")
         self._pos = [_start_pos() for _ in range(self.slots)]
         self._stats = [Counter() for _ in range(self.slots)]
@@ -183,13 +185,18 @@ class TrainBatches:
 
     def __next__(self):
         if self._it is None:
-            args = (self.cfg, self.tokenizer, self.shards, self.batch_size, self.rank, self.world_size)
+            args = (self.cfg, self.tokenizer, self.shards, self.batch_size, self.rank, self.world_size, self.slots)
             positions, stats = [dict(p) for p in self._pos], [Counter(s) for s in self._stats]
-            if self.cfg.num_workers == 0:
+            if self.workers == 0:
                 self._it = _slot_batches(*args, 0, positions[0], stats[0])
             else:
+                # A worker tokenizes a whole chunk before its first row; batches of about two chunks queued
+                # per worker let the others (and its own queue) feed training meanwhile, instead of the 2
+                # batches by default. What is queued is not consumed: the saved position stays exact.
+                ahead = max(2, math.ceil(2 * self.cfg.shuffle_buffer / self.batch_size))
                 self._it = iter(DataLoader(_Slots(args, positions, stats, self._consumed % self.slots),
-                                           batch_size=None, num_workers=self.cfg.num_workers))
+                                           batch_size=None, num_workers=self.workers, pin_memory=self.pin,
+                                           prefetch_factor=ahead))
         inputs = None
         while inputs is None:
             item = next(self._it)
@@ -198,6 +205,8 @@ class TrainBatches:
             inputs, labels, slot, pos, stats = item
             self._pos[slot], self._stats[slot] = pos, Counter(stats)
         self._consumed += 1
+        if self.pin and self.workers == 0:      # with workers, the DataLoader pins them
+            inputs, labels = inputs.pin_memory(), labels.pin_memory()
         return inputs, labels
 
     @property
@@ -213,7 +222,7 @@ class TrainBatches:
         return {"source": c.source, "path": c.path, "seq_len": c.seq_len, "packing": c.packing, "seed": c.seed,
                 "bos": c.bos,
                 "shuffle_buffer": c.shuffle_buffer, "vocab_size": self.tokenizer.vocab_size,
-                "world_size": self.world_size, "num_workers": c.num_workers, "batch_size": self.batch_size}
+                "world_size": self.world_size, "num_workers": self.workers, "batch_size": self.batch_size}
 
     def state_dict(self) -> dict:
         """Everything needed to continue with the next unseen row (small, JSON-serialisable)."""

@@ -77,6 +77,23 @@ def test_bad_config_values_name_the_key():
         DataConfig(packing="pack")
     with pytest.raises(DataError, match="data.path: required when data.source is 'local'"):
         DataConfig(source="local")
+    for bad in (-1, "many", 1.5, True):
+        with pytest.raises(DataError, match="data.num_workers: expected a number >= 0 or auto, got "):
+            DataConfig(num_workers=bad)
+    with pytest.raises(DataError, match="data.pin_memory: expected true, false or auto, got 'yes'"):
+        DataConfig(pin_memory="yes")
+
+
+def test_loader_defaults_workers_and_pinned_memory_on_a_gpu_only():
+    from data.config import AUTO_WORKERS_CUDA
+
+    assert DataConfig().loader(cuda=False) == (0, False)
+    assert DataConfig().loader(cuda=True) == (AUTO_WORKERS_CUDA, True)
+    assert DataConfig(num_workers=2, pin_memory=False).loader(cuda=True) == (2, False)
+    assert DataConfig(num_workers=3).loader(cuda=False) == (3, False)
+    with pytest.raises(DataError, match="data.pin_memory=true: page-locked memory is for copies to a GPU and this "
+                                        "run has none; set data.pin_memory=auto"):
+        DataConfig(pin_memory=True).loader(cuda=False)
 
 
 def _docs(cfg, split):

@@ -12,7 +12,7 @@ import torch
 
 from conftest import EOS, NumTokenizer, cfg_for, make_corpus
 from data import TrainBatches, validation_batches
-from data.packing import IGNORE, pack_concat, pack_galore
+from data.packing import IGNORE, pack_concat, pack_galore, predicted_tokens, processed_positions
 
 def rows_of(batches):
     return [tuple(r) for x, _ in batches for r in x.tolist()]
@@ -77,18 +77,19 @@ def test_two_ranks_two_workers_partition_the_single_process_stream(tmp_path, sha
     assert Counter(parts[0]) + Counter(parts[1]) == Counter(single)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_continues_with_the_next_unseen_batch(tmp_path, workers):
+@pytest.mark.parametrize("workers, cuda", [(0, False), (2, False), ("auto", True)])
+def test_resume_continues_with_the_next_unseen_batch(tmp_path, workers, cuda):
+    """In process, with workers, and with the workers a GPU run gets by default (pinning left out: no GPU here)."""
     make_corpus(tmp_path, [23, 31])
-    cfg, tok = cfg_for(tmp_path, num_workers=workers), NumTokenizer()
-    ref = TrainBatches(cfg, tok, batch_size=3)
+    cfg, tok = cfg_for(tmp_path, num_workers=workers, pin_memory=False), NumTokenizer()
+    ref = TrainBatches(cfg, tok, batch_size=3, cuda=cuda)
     expected = [next(ref) for _ in range(40)]  # > 1 epoch of this corpus
-    assert ref.stats["epoch"] >= 1
-    first = TrainBatches(cfg, tok, batch_size=3)
+    assert ref.stats["epoch"] >= 1 and ref.workers == cfg.loader(cuda)[0]
+    first = TrainBatches(cfg, tok, batch_size=3, cuda=cuda)
     for _ in range(7):
         next(first)
     state = json.loads(json.dumps(first.state_dict()))
-    resumed = TrainBatches(cfg, tok, batch_size=3)
+    resumed = TrainBatches(cfg, tok, batch_size=3, cuda=cuda)
     resumed.load_state_dict(state)
     for want in expected[7:]:
         got = next(resumed)
@@ -167,3 +168,12 @@ def test_validation_smaller_than_val_tokens_uses_all_and_warns(tmp_path, caplog)
     make_corpus(tmp_path, [23], val_docs=3)
     batches = validation_batches(cfg_for(tmp_path, val_tokens=10**6), NumTokenizer(), 4)
     assert batches and "fewer than data.val_tokens" in caplog.text
+
+
+def test_processed_positions_leave_out_only_the_padding_at_the_end_of_rows():
+    docs = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
+    inputs, labels = pack_concat(docs, 4, eos_id=1, pad_id=0)
+    assert processed_positions(labels) == 3 + 1 + 5 + 3 and predicted_tokens(labels) == 12 - len(inputs)
+    inputs, labels = pack_galore(docs, 4, eos_id=1, pad_id=0)
+    assert processed_positions(labels) == 4 + 2 + 4
+    assert processed_positions(torch.full((2, 4), IGNORE)) == 0

@@ -7,9 +7,9 @@ from model import LlamaConfig
 from training.metrics import Metrics, flops_per_token, peak_flops, peak_memory
 
 
-def make(tmp_path, start_step=0):
+def make(tmp_path, start_step=0, peak=None):
     return Metrics(tmp_path, is_main=True, max_steps=4, start_step=start_step, log_every=2,
-                   device=torch.device("cpu"), flops_per_token=1.0, peak=None, world_size=1)
+                   device=torch.device("cpu"), flops_per_token=1.0, peak=peak, world_size=1)
 
 
 def test_log_records_summary_and_tensorboard(tmp_path, capsys):
@@ -17,7 +17,7 @@ def test_log_records_summary_and_tensorboard(tmp_path, capsys):
     m.run_config({"train": {"max_steps": 4}})
     for step in (1, 2, 3, 4):
         m.train_step(step, loss=5.0 - step, lr=1e-3, grad_norm=0.5, tokens_seen=100 * step, step_tokens=100,
-                     step_time=0.1, velora_bytes=1234 if step == 4 else None)
+                     step_positions=120, step_time=0.1, velora_bytes=1234 if step == 4 else None)
     m.evaluation(4, {"loss": 1.0, "ppl": 2.718, "galore_loss": 0.5, "galore_ppl": 1.65, "tokens": 10, "batches": 1})
     m.close()
     records = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
@@ -38,11 +38,22 @@ def test_log_records_summary_and_tensorboard(tmp_path, capsys):
 def test_resume_drops_records_after_the_restored_step(tmp_path):
     m = make(tmp_path)
     for step in (1, 2, 3, 4):
-        m.train_step(step, loss=1.0, lr=1e-3, grad_norm=None, tokens_seen=0, step_tokens=1, step_time=1.0)
+        m.train_step(step, loss=1.0, lr=1e-3, grad_norm=None, tokens_seen=0, step_tokens=1, step_positions=1, step_time=1.0)
     m.close()
     make(tmp_path, start_step=2).close()
     steps = [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert steps == [2]
+
+
+def test_mfu_counts_processed_positions_and_memory_is_logged_at_log_steps(tmp_path):
+    m = make(tmp_path, peak=1000.0)
+    for step in (1, 2):
+        m.train_step(step, loss=1.0, lr=1e-3, grad_norm=None, tokens_seen=0, step_tokens=100, step_positions=150,
+                     step_time=0.5)
+    m.close()
+    record = json.loads((tmp_path / "train_log.jsonl").read_text())
+    assert record["mfu"] == 150 * 1.0 / (0.5 * 1000.0) and record["tokens_per_s"] == 200.0
+    assert record["peak_rss"] > 0
 
 
 def test_flops_and_peaks():

@@ -111,3 +111,23 @@ def test_rng_state_round_trips_through_json():
     set_rng_state(state)
     got = (random.random(), np.random.rand(), torch.rand(3))
     assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+def test_rng_state_holds_only_the_current_cuda_devices_state(monkeypatch):
+    """On a GPU each rank saves and restores its own device's CUDA generator only (simulated here: the
+    per-device functions are replaced by one fake device's; the all-device ones must not be called)."""
+    device_state = {"now": torch.arange(16, dtype=torch.uint8)}
+
+    def refuse(*args):
+        raise AssertionError("every device's CUDA RNG state was read or written")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: device_state["now"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda t: device_state.update(now=t.clone()))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", refuse)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", refuse)
+    state = json.loads(json.dumps(rng_state()))
+    assert state["cuda"] == list(range(16))
+    device_state["now"] = torch.zeros(16, dtype=torch.uint8)
+    set_rng_state(state)
+    assert torch.equal(device_state["now"], torch.arange(16, dtype=torch.uint8))

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from . import scratch
-from .distributed import barrier
+from .collectives import barrier
 from .errors import CheckpointError
 from .files import atomic_write_text, fsync_dir
 from .health import read_healthy
@@ -46,14 +46,16 @@ TAG_RE = re.compile(r"^step_(\d+)$")
 
 
 def rng_state() -> dict:
-    """Python, NumPy, torch CPU (and CUDA) generator states as JSON-friendly lists."""
+    """Python, NumPy, torch CPU and (on a GPU) this rank's CUDA device's generator states as JSON-friendly lists.
+    Only the current device's: each rank drives one GPU, and reading every device's state would initialise a
+    CUDA context on each GPU of the node from every rank."""
     py = random.getstate()
     npy = np.random.get_state()
     state = {"python": [py[0], list(py[1]), py[2]],
              "numpy": [npy[0], npy[1].tolist(), int(npy[2]), int(npy[3]), float(npy[4])],
              "torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
@@ -64,7 +66,7 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((npy[0], np.array(npy[1], dtype=np.uint32), npy[2], npy[3], npy[4]))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 def step_dirs(ckpt_root: Path) -> list[Path]:
@@ -332,8 +334,8 @@ def saved_world_size(step_dir: Path) -> int | None:
 # memory options change nothing that is computed; settings not listed here (lr, schedule lengths, eval and
 # save cadence, validation size, epochs) may change on resume and are listed in a note.
 MEMORY_ONLY = ("loss_chunk_size", "recompute_swiglu", "activation_checkpointing")
-FIXED = {"data": ("source", "path", "tokenizer", "seq_len", "packing", "shuffle_buffer", "seed", "num_workers",
-                  "add_bos"),
+# data.num_workers is checked by the data state itself, resolved (`auto` is a number of workers there).
+FIXED = {"data": ("source", "path", "tokenizer", "seq_len", "packing", "shuffle_buffer", "seed", "add_bos"),
          "optim": ("name", "galore_rank", "galore_update_proj_gap", "galore_proj_type", "galore_targets", "galore_scale"),
          "deepspeed": ("zero_optimization.stage", "bf16.enabled", "fp16.enabled", "train_batch_size",
                        "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")}

@@ -2,7 +2,7 @@
 
 The launchers export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a plain `python`
 start has none of them, and DeepSpeed then goes looking for MPI. We fill them in for that
-one-process case, pick gloo on CPU and NCCL on GPU, and keep a few helpers the loop needs.
+one-process case and pick gloo on CPU and NCCL on GPU. The collectives themselves are training/collectives.py's.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .collectives import is_distributed
 from .errors import RunError
 
 
@@ -183,23 +184,10 @@ def init_distributed(local_rank_arg: int | None = None, timeout_s: float = 300.0
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
 
 
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum a few floats over all ranks (float64, so token counts stay exact)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
-
-
 def shutdown() -> None:
     """Tear the process group down before exit: two-process gloo runs otherwise sometimes abort at
     interpreter exit ("terminate called without an active exception")."""
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         import deepspeed.comm
 
         deepspeed.comm.destroy_process_group()

@@ -4,11 +4,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
 from data.packing import predicted_tokens
 
-from .distributed import all_reduce_sum
+from .collectives import all_reduce_values, world_size
 
 
 @torch.no_grad()
@@ -32,9 +31,9 @@ def evaluate(model: torch.nn.Module, batches) -> dict:
     tokens, n_batches = 0, 0
     try:
         for input_ids, labels in batches:
-            input_ids, labels = input_ids.to(device), labels.to(device)
-            n = predicted_tokens(labels)
-            mean = float(model(input_ids, labels=labels))
+            n = predicted_tokens(labels)    # counted on the host batch: no device sync per batch
+            input_ids, labels = input_ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            mean = model(input_ids, labels=labels).double()     # summed on the device
             loss_sum += mean * n
             batch_loss_sum += mean
             tokens += n
@@ -45,13 +44,9 @@ def evaluate(model: torch.nn.Module, batches) -> dict:
     # GaLore's evaluate_model starts its batch counter at 1, so it divides the summed per-batch mean
     # losses by (batches + 1); each rank computes that on its share and the ranks' figures are averaged.
     galore_loss = batch_loss_sum / (n_batches + 1)
-    distributed = dist.is_available() and dist.is_initialized()
-    world = dist.get_world_size() if distributed else 1
-    # NCCL only reduces device tensors; gloo takes CPU ones.
-    on = device if distributed and dist.get_backend() == "nccl" else torch.device("cpu")
-    loss_sum, galore_loss, tokens, n_batches = all_reduce_sum([loss_sum, galore_loss, tokens, n_batches], on)
+    loss_sum, galore_loss, tokens, n_batches = all_reduce_values([loss_sum, galore_loss, tokens, n_batches])
     tokens, n_batches = int(tokens), int(n_batches)
-    galore_loss /= world
+    galore_loss /= world_size()
     if tokens == 0:
         raise ValueError("evaluate: the validation batches hold no predicted tokens (all labels are ignored "
                          "or there are no batches); raise data.val_tokens")

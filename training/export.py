@@ -18,10 +18,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import save_file
 
 from model import LlamaConfig, LlamaForCausalLM
+from training.collectives import rank
 from training.errors import CheckpointError
 from training.files import fsync_dir, make_dirs, remove_empty_dirs
 from training.health import check_finite
@@ -110,7 +110,7 @@ def save_final(model, run_config, tokenizer_path, out_dir, dtype: torch.dtype = 
     out_dir = Path(out_dir)
     check_export_target(out_dir, overwrite)
     sd = model if isinstance(model, Mapping) else _gathered_state_dict(model)
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+    if rank() != 0:
         return out_dir
     tensors = plain_state_dict(sd, run_config.model, "model being exported")
     if not allow_nonfinite:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from data.sources import SKIPPED
 
-from .distributed import all_reduce_sum
+from .collectives import all_reduce_values
 from .files import atomic_write_text
 from .layout import RunDir
 
@@ -51,17 +51,20 @@ def peak_flops(device: torch.device, bf16: bool) -> tuple[float | None, str]:
 
 
 def peak_memory(device: torch.device) -> dict:
-    """Peak memory so far: CUDA allocated/reserved on GPU, process peak RSS on CPU (bytes)."""
+    """Peak memory so far, the maximum over ranks (every rank must call it): CUDA allocated/reserved on GPU,
+    process peak RSS on CPU (bytes)."""
     if device.type == "cuda":
-        return {"mem/cuda_max_allocated": torch.cuda.max_memory_allocated(device),
+        mine = {"mem/cuda_max_allocated": torch.cuda.max_memory_allocated(device),
                 "mem/cuda_max_reserved": torch.cuda.max_memory_reserved(device)}
-    return {"mem/peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    else:
+        mine = {"mem/peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return dict(zip(mine, (int(v) for v in all_reduce_values(list(mine.values()), op="max"))))
 
 
-def data_counts(stats: dict, device: torch.device) -> dict:
+def data_counts(stats: dict) -> dict:
     """The data iterator's document and skip counts, summed over ranks (every rank must call it)."""
     keys = ("docs",) + SKIPPED
-    return dict(zip(keys, (int(v) for v in all_reduce_sum([float(stats.get(k, 0)) for k in keys], device))))
+    return dict(zip(keys, (int(v) for v in all_reduce_values([float(stats.get(k, 0)) for k in keys]))))
 
 
 def describe_skips(counts: dict) -> str:
@@ -136,27 +139,31 @@ class Metrics:
             raise OSError(e.errno, e.strerror, self.log.name) from e
 
     def train_step(self, step: int, *, loss: float, lr: float, grad_norm: float | None, tokens_seen: int,
-                   step_tokens: int, step_time: float, velora_bytes: int | None = None) -> None:
-        """Report optimizer step `step`; `velora_bytes`: VeLoRA coefficients kept by the last micro-batch."""
+                   step_tokens: int, step_positions: int, step_time: float, velora_bytes: int | None = None) -> None:
+        """Report optimizer step `step`. Every rank calls it: at log steps the peak memory reported is the
+        maximum over ranks (one collective). `step_tokens`: predicted tokens (tokens/s), `step_positions`:
+        processed non-padding positions (MFU), both over all ranks; `velora_bytes`: VeLoRA coefficients kept
+        by the last micro-batch."""
+        logged = step % self.log_every == 0 or step == self.max_steps
+        mem = peak_memory(self.device) if logged else {}
         if not self.is_main:
             return
         tok_s = step_tokens / max(step_time, 1e-9)
         scalars = {"train/loss": loss, "train/ppl": math.exp(min(loss, 700.0)), "train/lr": lr,
-                   "train/tokens_seen": tokens_seen, "perf/tokens_per_s": tok_s, "perf/step_time_s": step_time,
-                   **peak_memory(self.device)}
+                   "train/tokens_seen": tokens_seen, "perf/tokens_per_s": tok_s, "perf/step_time_s": step_time, **mem}
         if grad_norm is not None:
             scalars["train/grad_norm"] = grad_norm
         if velora_bytes is not None:
             scalars["mem/velora_stored_bytes"] = velora_bytes
         if self.peak:
-            scalars["perf/mfu"] = tok_s * self.flops_per_token / (self.peak * self.world)
+            scalars["perf/mfu"] = step_positions * self.flops_per_token / (max(step_time, 1e-9) * self.peak * self.world)
         for k, v in scalars.items():
             self.tb.add_scalar(k, v, step)
         self.bar.update(step - self.bar.n)
         self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        if step % self.log_every == 0 or step == self.max_steps:
+        if logged:
             self._record({"kind": "train", "step": step, **{k.split("/", 1)[1]: v for k, v in scalars.items()}})
-            mem = " | ".join(f"{k.split('/', 1)[1]} {_gib(v)}" for k, v in peak_memory(self.device).items())
+            mem = " | ".join(f"{k.split('/', 1)[1]} {_gib(v)}" for k, v in mem.items())
             self.print(f"step {step}/{self.max_steps} | loss {loss:.4f} | lr {lr:.3e} | grad norm "
                        f"{'-' if grad_norm is None else f'{grad_norm:.3f}'} | {_count(tok_s)} tok/s | "
                        f"{step_time:.2f} s/step | {mem} | tokens {_count(tokens_seen)}"

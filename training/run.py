@@ -18,7 +18,8 @@ from .checkpoint import (check_compatible, check_pickles, clean_stale, find_resu
 from .config import RunConfig, resolve_batch
 from .crash import GracefulStop, is_peer_failure, pause_point, peer_failure_message
 from .deepspeed_config import check_deepspeed_section
-from .distributed import barrier, init_distributed, launcher_env
+from .collectives import barrier
+from .distributed import init_distributed, launcher_env
 from .errors import CheckpointError, ConfigError, NonFiniteLoss, RunError
 from .evaluate import evaluate
 from .export import save_final
@@ -96,7 +97,8 @@ class TrainingRun:
                                               rank=dist.rank, world_size=dist.world_size)
         if dist.is_main:
             barrier()
-        self.batches = TrainBatches(cfg.data, self.tokenizer, micro, rank=dist.rank, world_size=dist.world_size)
+        self.batches = TrainBatches(cfg.data, self.tokenizer, micro, rank=dist.rank, world_size=dist.world_size,
+                                    cuda=dist.device.type == "cuda")
 
     def _setup_model(self) -> None:
         model, summary = build_model(self.cfg)
@@ -185,21 +187,21 @@ class TrainingRun:
 
         t0 = time.perf_counter()
         try:
-            loss, step_tokens, grad_norm, lr = step_fn(self.step + 1)
+            loss, step_tokens, positions, grad_norm, lr = step_fn(self.step + 1)
         except NonFiniteLoss as e:
             raise self._diverged(str(e)) from None
         self._verified(self.step)     # this step's finite loss came from the weights of the step before
         self.step += 1
         self.tokens_seen += step_tokens
         self.metrics.train_step(self.step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_seen=self.tokens_seen,
-                                step_tokens=step_tokens, step_time=time.perf_counter() - t0,
+                                step_tokens=step_tokens, step_positions=positions, step_time=time.perf_counter() - t0,
                                 velora_bytes=stored_bytes(self.engine.module) if self.velora_summary else None)
 
     def _evaluate(self) -> dict:
         result = self._checked_evaluation()
         self._phase("eval", self.step)
         self.metrics.evaluation(self.step, result)
-        self.metrics.data(self.step, data_counts(self.batches.stats, self.dist.device))
+        self.metrics.data(self.step, data_counts(self.batches.stats))
         return result
 
     def _checked_evaluation(self) -> dict:
@@ -301,7 +303,7 @@ class TrainingRun:
         final = save_final(self.engine.module, self.cfg, self.tokenizer.model_path, self.dir.final, overwrite=True,
                            progress={"step": self.step, "tokens_seen": self.tokens_seen})
         self._say(f"exported {final} (last checkpoint: step {self.saved_at})",
-                  describe_skips(data_counts(self.batches.stats, self.dist.device)),
+                  describe_skips(data_counts(self.batches.stats)),
                   f"final validation: ppl {result['ppl']:.2f} (token-weighted), galore_ppl {result['galore_ppl']:.2f}, "
                   f"{result['tokens']} tokens")
         return result

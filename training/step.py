@@ -6,9 +6,10 @@ import math
 
 import torch
 
-from data.packing import predicted_tokens
+from data.packing import predicted_tokens, processed_positions
 
-from .distributed import DistInfo, all_reduce_sum
+from .collectives import all_reduce_values
+from .distributed import DistInfo
 from .errors import NonFiniteLoss
 
 
@@ -36,12 +37,14 @@ class OptimizerStep:
         grads = [p.grad.detach().float() for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
-    def __call__(self, step: int) -> tuple[float, int, float | None, float]:
+    def __call__(self, step: int) -> tuple[float, int, int, float | None, float]:
         """Run optimizer step number `step` (1-based). Returns (mean loss over all ranks and
-        micro-batches, predicted tokens this step over all ranks, gradient norm or None, the learning
-        rate this step used). A non-finite loss raises NonFiniteLoss before the weights are updated."""
+        micro-batches, predicted tokens and processed (non-padding) positions this step over all ranks,
+        gradient norm or None, the learning rate this step used). A non-finite loss raises NonFiniteLoss
+        before the weights are updated. The loss is summed on the device: the one host sync of a step is
+        the reduction that checks it, none per micro-batch."""
         engine, device = self.engine, self.dist.device
-        loss_sum, tokens, grad_norm = 0.0, 0, None
+        loss_sum, tokens, positions, grad_norm = 0.0, 0, 0, None
         lr = float(engine.get_lr()[0])
         micro_batches = []
         for _ in range(self.accum):
@@ -50,18 +53,19 @@ class OptimizerStep:
             except StopIteration:
                 break
         # All ranks must agree, or the ones with data would wait forever in the next collective.
-        if all_reduce_sum([float(len(micro_batches) == self.accum)], device)[0] < self.dist.world_size:
+        if all_reduce_values([float(len(micro_batches) == self.accum)])[0] < self.dist.world_size:
             raise DataExhausted
         for micro, (input_ids, labels) in enumerate(micro_batches):
-            input_ids, labels = input_ids.to(device), labels.to(device)
+            tokens += predicted_tokens(labels)          # counted on the host batch, before it moves
+            positions += processed_positions(labels)
+            input_ids, labels = input_ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             loss = engine(input_ids, labels=labels)
             engine.backward(loss)
-            loss_sum += float(loss.detach())
-            tokens += predicted_tokens(labels)
+            loss_sum = loss_sum + loss.detach().double()
             if micro == self.accum - 1:
                 self.on_phase("step", step)
                 asked = float(self.stop is not None and self.stop.requested)
-                loss_sum, tokens, asked = all_reduce_sum([loss_sum, tokens, asked], device)
+                loss_sum, tokens, positions, asked = all_reduce_values([loss_sum, tokens, positions, asked])
                 self.stop_requested = asked > 0
                 mean = loss_sum / (self.accum * self.dist.world_size)
                 if not math.isfinite(mean):
@@ -72,4 +76,4 @@ class OptimizerStep:
             engine.step()
         if grad_norm is None and (norm := engine.get_global_grad_norm()) is not None:
             grad_norm = float(norm)
-        return mean, int(tokens), grad_norm, lr
+        return mean, int(tokens), int(positions), grad_norm, lr

@@ -17,8 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
-
+from .collectives import all_reduce_
 from .zero_layout import GroupLayout, PartitionOptimizer, Piece, row_blocks
 
 
@@ -37,7 +36,7 @@ class ZeroAdafactor(PartitionOptimizer):
         for piece, state in zip(layout.pieces, states):
             state["step"] += 1
             _add_partial_sums(stats, slots[piece.index], piece, flat, factored=len(piece.shape) == 2)
-        _all_reduce(stats, layout)
+        all_reduce_(stats, layout.group)
         lr, (eps1, eps2) = float(group["lr"]), group["eps"]
         eps1 = torch.finfo(flat.dtype).eps if eps1 is None else eps1
         updates, update_sq = [], flat.new_zeros(len(layout.params))
@@ -45,7 +44,7 @@ class ZeroAdafactor(PartitionOptimizer):
             update = _scaled_update(piece, state, flat, stats, slots[piece.index], group["beta2_decay"], eps1)
             updates.append(update)
             update_sq[piece.index] = torch.linalg.vector_norm(update).square()
-        _all_reduce(update_sq, layout)
+        all_reduce_(update_sq, layout.group)
         for piece, state, update in zip(layout.pieces, states, updates):
             n, step = math.prod(piece.shape), state["step"].item()
             alpha = max(eps2, stats[slots[piece.index]].sqrt().item() / n ** 0.5) * min(lr, 1 / step ** 0.5)
@@ -60,7 +59,7 @@ class ZeroAdafactor(PartitionOptimizer):
         if not state:
             if len(piece.shape) not in (1, 2):
                 raise ValueError(f"{piece.name}: ZeroAdafactor supports 1-D and 2-D parameters, got {piece.shape}")
-            state["step"] = torch.tensor(0.0)
+            state["step"] = torch.tensor(0.0, device="cpu")     # a host scalar, as in torch's Adafactor: no sync to read
             if len(piece.shape) == 2:
                 rows, cols = piece.shape
                 state["row_var"] = flat.new_zeros(rows, 1)
@@ -112,8 +111,3 @@ def _scaled_update(piece: Piece, state: dict, flat: torch.Tensor, stats: torch.T
         inv_sqrt = var.div_(row_mean).clamp_(min=eps1 * eps1).rsqrt_()
         grad.narrow(0, offset, n_rows * n_cols).view(n_rows, n_cols).mul_(inv_sqrt)
     return grad
-
-
-def _all_reduce(t: torch.Tensor, layout: GroupLayout) -> None:
-    if dist.get_world_size(layout.group) > 1:
-        dist.all_reduce(t, group=layout.group)

@@ -25,8 +25,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-import torch.distributed as dist
-
+from .collectives import broadcast_, reduce_
 from .zero_layout import GroupLayout, PartitionOptimizer
 
 
@@ -60,7 +59,7 @@ class ZeroGaLore(PartitionOptimizer):
         weight, grad = (self._reassemble(t, layout, index, owner) for t in (flat, flat.grad))
         if layout.rank == owner:
             self._inner_step(group, weight, grad, name)
-        dist.broadcast(weight, layout.global_rank(owner), group=layout.group)
+        broadcast_(weight, layout.global_rank(owner), layout.group)
         if piece is not None:
             piece.of(flat).copy_(weight.view(-1).narrow(0, piece.start, piece.numel))
 
@@ -72,7 +71,7 @@ class ZeroGaLore(PartitionOptimizer):
         piece = layout.piece(index)
         if piece is not None:
             full.view(-1).narrow(0, piece.start, piece.numel).copy_(piece.of(flat))
-        dist.reduce(full, layout.global_rank(owner), group=layout.group)
+        reduce_(full, layout.global_rank(owner), layout.group)
         return full
 
     def _inner_step(self, group: dict, weight: torch.Tensor, grad: torch.Tensor, key: str) -> None:

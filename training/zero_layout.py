@@ -26,7 +26,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+
+from .collectives import all_gather, backend_device, global_rank, rank, world_size
 
 PINNED = {"engine.optimizer": ("bit16_groups", "single_partition_of_fp32_groups", "real_dp_process_group"),
           "engine.optimizer (ZeRO 3)": ("fp16_groups", "fp32_partitioned_groups_flat", "dp_process_group"),
@@ -86,7 +87,7 @@ class GroupLayout:
         return tied[index % len(tied)]
 
     def global_rank(self, group_rank: int) -> int:
-        return dist.get_global_rank(self.group, group_rank) if self.group is not None else group_rank
+        return global_rank(self.group, group_rank)
 
 
 def partition_layouts(engine) -> dict[int, GroupLayout]:
@@ -97,8 +98,8 @@ def partition_layouts(engine) -> dict[int, GroupLayout]:
         groups = [(zero.single_partition_of_fp32_groups[i], zero.real_dp_process_group[i], params,
                    _fragment_pieces(params)) for i, params in enumerate(zero.bit16_groups)]
     elif stage == 3:
-        rank, world = dist.get_rank(zero.dp_process_group), dist.get_world_size(zero.dp_process_group)
-        groups = [(flat, zero.dp_process_group, params, _stage3_pieces(params, rank, world, flat))
+        here, world = rank(zero.dp_process_group), world_size(zero.dp_process_group)
+        groups = [(flat, zero.dp_process_group, params, _stage3_pieces(params, here, world, flat))
                   for flat, params in zip(zero.fp32_partitioned_groups_flat, zero.fp16_groups)]
     else:
         raise ValueError(f"partition layouts exist under ZeRO 1, 2 and 3, not stage {stage}")
@@ -138,19 +139,20 @@ def _stage3_pieces(params, rank: int, world: int, flat: torch.Tensor) -> list[tu
 
 def _layout(params, pieces: list[tuple], group, names: dict) -> GroupLayout:
     shapes = [tuple(getattr(p, "ds_shape", p.shape)) for p in params]
-    mine = torch.zeros(len(params), dtype=torch.int64)
+    mine = [0] * len(params)
     for index, _, _, numel in pieces:
         mine[index] = numel
-    held = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(held, mine, group=group)
-    torn = [names[id(p)] for i, p in enumerate(params) if sum(int(h[i]) for h in held) != math.prod(shapes[i])]
+    # made on the backend's device (NCCL refuses host tensors), read back on the host
+    gathered = all_gather(torch.tensor(mine, dtype=torch.int64, device=backend_device(group)), group)
+    held = [h.tolist() for h in gathered]
+    torn = [names[id(p)] for i, p in enumerate(params) if sum(h[i] for h in held) != math.prod(shapes[i])]
     if torn:
         raise RuntimeError(f"the ranks' pieces do not tile {torn[0]}: this DeepSpeed is not the one "
                            f"training/zero_layout.py was written for")
     return GroupLayout([(names[id(p)], shape) for p, shape in zip(params, shapes)],
                        [Piece(names[id(params[i])], shapes[i], i, start, flat_start, numel)
                         for i, start, flat_start, numel in pieces],
-                       [h.tolist() for h in held], group, dist.get_rank(group))
+                       held, group, rank(group))
 
 
 class PartitionOptimizer(torch.optim.Optimizer):

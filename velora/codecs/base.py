@@ -50,9 +50,15 @@ def world_rank() -> int:
 
 
 def all_reduce_(t: torch.Tensor) -> torch.Tensor:
-    """Sum `t` over every rank in place (a no-op outside torch.distributed)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
+    """Sum `t` over every rank in place (a no-op outside torch.distributed), on the process group's device
+    (NCCL takes only CUDA tensors). velora/'s one collective: training/collectives.py is not importable here."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        nccl = dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        staged = t if t.device == device else t.to(device)
+        dist.all_reduce(staged)
+        if staged is not t:
+            t.copy_(staged)
     return t
 
 
