@@ -20,6 +20,9 @@ class DataConfig:
     shuffle_buffer: int = 10000      # documents per shuffled chunk (the unit of shuffling, sharding and resume)
     seed: int = 42
     val_tokens: int = 10_000_000     # the fixed validation slice (GaLore evaluates 10M tokens)
+    # where that slice starts: after this many tokens of the validation split, so one split gives disjoint
+    # slices (e.g. choose hyper-parameters on the first val_tokens, report on the next ones)
+    val_skip_tokens: int = 0
     num_workers: int = 0
     cache_dir: str = ""              # builtin corpus/tokenizer cache; default $VELORA_CACHE or ~/.cache/velora
     max_bad_fraction: float = 0.01   # more malformed lines than this (per shard) is an error
@@ -39,7 +42,7 @@ class DataConfig:
                 raise DataError(f"data.{name}: must be positive, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise DataError(f"data.seq_len: must be at least 2, got {self.seq_len}")
-        for name in ("num_workers", "epochs"):
+        for name in ("num_workers", "epochs", "val_skip_tokens"):
             if getattr(self, name) < 0:
                 raise DataError(f"data.{name}: must be >= 0, got {getattr(self, name)}")
         if not isinstance(self.seed, int) or self.seed < 0:
