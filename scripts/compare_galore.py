@@ -178,6 +178,8 @@ def parse_args(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override for every method")
     p.add_argument("--method-set", action="append", default=[], metavar="METHOD:SECTION.KEY=VALUE",
                    help="override for one method (e.g. galore:optim.galore_rank=64)")
+    p.add_argument("--heldout-tokens", type=int, help="tokens of ../shared/c4-heldout scored per reported run "
+                                                      "(default: the preset's; 0: none)")
     p.add_argument("--evals", type=int, help="validation evaluations per run (the loss curve's points)")
     p.add_argument("--jobs", type=int, help="runs at once, each with cores / jobs threads (one-thread runs side by "
                                             "side beat two-thread runs on a busy small CPU; step times are then "
@@ -228,6 +230,7 @@ class Plan:
         scales = pre.scales if args.matrix_lr_scales is None else [
             float(x) for x in args.matrix_lr_scales.split(",") if x.strip() not in ("", "none")]
         self.scales = sorted(scales) if self.lr_sweep else []
+        self.heldout_tokens = pre.heldout_tokens if args.heldout_tokens is None else args.heldout_tokens
         self.out = Path(args.out or f"runs/compare_{args.preset}")
         self.per_method = {}
         for item in args.method_set:
@@ -410,7 +413,7 @@ def tabulate(plan: Plan, results: list, pool, measure_batch: int) -> list[dict]:
                                              x[0]["seed"]))
     report = [run for run, rec in results if run["phase"] == "report" and rec["returncode"] == 0]
     heldout = dict(zip((r["name"] for r in report),
-                       pool.map(lambda r: score_heldout(r, plan.preset.heldout_tokens), report)))
+                       pool.map(lambda r: score_heldout(r, plan.heldout_tokens), report)))
     rows, measured = [], {}
     for run, rec in results:
         status = "ok" if rec["returncode"] == 0 else "diverged" if rec.get("diverged") else "failed"

@@ -80,7 +80,7 @@ def score_heldout(run: dict, tokens: int) -> dict:
     """Loss of a reported run's final/ on ../shared/c4-heldout (scoring only: nothing is chosen on it), cached in
     the run directory; {} when the held-out file is absent or the run did not finish."""
     final, cache = run["run_dir"] / "final", run["run_dir"] / "heldout.json"
-    if not HELDOUT.is_file() or not final.is_dir():
+    if not HELDOUT.is_file() or not final.is_dir() or tokens <= 0:
         return {}
     if not cache.is_file():
         cmd = [sys.executable, "scripts/eval_ppl.py", "--checkpoint", str(final), "--data", str(HELDOUT),

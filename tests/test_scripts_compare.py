@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO
 
 import compare_galore
+import compare_runs
 
 # a 2-step budget on a 32-wide model (the quick preset's data and methods)
 SMALL = ["--quick", "--tokens", "512", "--evals", "1", "--jobs", "2", "--measure-batch", "2",
@@ -37,6 +38,8 @@ def test_compare_quick_end_to_end(tmp_path):
                     "tokens_per_s", "step_time_s", "peak_rss", "wall_s"):
             assert math.isfinite(float(r[key])) and float(r[key]) > 0, (name, key, r[key])
         assert r["command"].startswith("python train_c4.py --config configs/llama_tiny.json")
+        if compare_runs.HELDOUT.is_file():                       # scored once on the held-out text
+            assert math.isfinite(float(r["heldout_loss"])) and float(r["heldout_loss"]) > 0, name
         assert (out / "logs" / f"{name}.log").is_file()
     # exact bytes: activation checkpointing and VeLoRA + memory options save less than full-rank
     assert float(rows["full_rank_ckpt"]["saved_vs_full_rank"]) < 1
@@ -46,6 +49,8 @@ def test_compare_quick_end_to_end(tmp_path):
 
     md = (out / "results.md").read_text()
     assert "FAILED" in md and "34.06" in md and "33.28" in md and "scripts/compare_galore.sh --quick" in md
+    # no lr sweep, one seed: gate (a) fails first, and no verdict is drawn
+    assert md.split("\n")[2].startswith("**A gate FAILED: no verdict is drawn.**") and "not swept" in md
     import matplotlib.image
     assert matplotlib.image.imread(out / "plot.png").shape[0] > 100
 
