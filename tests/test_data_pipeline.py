@@ -176,6 +176,8 @@ def test_val_skip_tokens_gives_the_next_disjoint_slice(tmp_path):
     from data import DataError
     with pytest.raises(DataError, match="data.val_skip_tokens=100000 skips the whole validation split"):
         validation_batches(cfg_for(tmp_path, val_skip_tokens=100_000), tok, 2)
+    with pytest.raises(DataError, match="data.val_skip_tokens: must be >= 0, got -1"):
+        cfg_for(tmp_path, val_skip_tokens=-1)
 
 
 def test_the_whole_file_split_reads_every_document_of_one_file(tmp_path):

@@ -66,6 +66,8 @@ def test_compare_bad_arguments(capsys):
     assert "--methods: unknown method 'nope'" in capsys.readouterr().err
     assert compare_galore.main(["--quick", "--method-set", "galore=lr", "--out", "/nonexistent/x"]) == 2
     assert "--method-set 'galore=lr'" in capsys.readouterr().err
+    assert compare_galore.main(["--preset", "cpu", "--matrix-lr-scales", "1,-0.5", "--out", "/nonexistent/x"]) == 2
+    assert "--matrix-lr-scales 1,-0.5: expected positive numbers" in capsys.readouterr().err
 
 
 CENTRE = 0.001
