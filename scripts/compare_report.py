@@ -119,8 +119,11 @@ def gates(summary: list, references: dict | None = None) -> list[tuple[str, bool
     (GaLore not more than 2% better than tuned full-rank)."""
     done = {s["method"]: s for s in summary if s.get("losses")}
     controls = {c for c in ["full_rank", *(references or {}).values()] if c in done}
-    ok_a, notes_a = stats.gate_spread_and_grid({c: list(done[c]["losses"].values()) for c in sorted(controls)},
-                                               {s["method"]: s.get("edges") for s in summary if "best" in s})
+    grids = {s["method"]: s.get("edges") if "best" in s else ["no lr finished at the tuning seeds"] for s in summary}
+    ok_a, notes_a = stats.gate_spread_and_grid({c: list(done[c]["losses"].values()) for c in sorted(controls)}, grids)
+    lost = [f"{c}: seed(s) {', '.join(map(str, done[c]['missing']))} did not finish" for c in sorted(controls)
+            if done[c]["missing"]]
+    ok_a, notes_a = ok_a and not lost, notes_a + lost
     galore = done.get("galore")
     diffs = paired_diffs(galore, done["full_rank"]) if galore and "full_rank" in done else None
     ok_b, note_b = stats.gate_galore(diffs)

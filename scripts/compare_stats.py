@@ -86,7 +86,7 @@ def gate_spread_and_grid(controls: dict, grids: dict) -> tuple[bool, list[str]]:
             notes.append(f"{m}: lr **not swept**, so nothing shows it is tuned")
         elif edges:
             ok = False
-            notes.append(f"{m}: best point **on the edge** of its grid ({'; '.join(edges)})")
+            notes.append(f"{m}: best point **not strictly inside** its grid ({'; '.join(edges)})")
     if grids and all(e == [] for e in grids.values()):
         notes.append(f"every best lr lies strictly inside its grid ({len(grids)} methods)")
     return ok, notes

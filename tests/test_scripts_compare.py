@@ -193,6 +193,12 @@ def test_gate_a_seed_spread_and_grid_edges():
             r["lr"] = 0.02
     (_, pass_a, notes_a), _ = _gates(edge)
     assert not pass_a and "lr 0.02 is the highest tried" in notes_a[-1]
+    # a control seed that did not finish fails the gate, as does a method whose every tuning lr failed
+    lost = _report_rows("full_rank", FULL) + [r for r in _report_rows("x", FULL) if r["phase"] == "tune"]
+    lost[0]["status"] = "diverged"
+    (_, pass_a, notes_a), _ = _gates(lost)
+    assert not pass_a and "x: best point **not strictly inside** its grid (no lr finished at the tuning seeds)" in notes_a
+    assert notes_a[-1] == "full_rank: seed(s) 0 did not finish"
     # no sweep: nothing shows the lr is tuned
     flat = [r for r in _report_rows("full_rank", FULL) if r["phase"] == "report"]
     (_, pass_a, notes_a), _ = _gates(flat)
