@@ -74,9 +74,9 @@ def gate_spread_and_grid(controls: dict, grids: dict) -> tuple[bool, list[str]]:
         sd = seed_spread(losses)
         good = sd <= SPREAD_LIMIT             # nan (one seed) fails: no spread is known
         ok &= good
-        notes.append(f"{m}: seed spread (std of final loss over {len(losses)} seeds) "
-                     + (f"{sd:.4f}" if math.isfinite(sd) else "unknown") + f" nats "
-                     + ("≤" if good else "**exceeds**") + f" {SPREAD_LIMIT}")
+        shown = (f"{sd:.4f} nats " + ("≤" if good else "**exceeds**") + f" {SPREAD_LIMIT}" if math.isfinite(sd)
+                 else "**unknown** (fewer than two seeds)")
+        notes.append(f"{m}: seed spread (std of final loss over {len(losses)} seeds) {shown}")
     if not controls:
         ok = False
         notes.append("no full-rank control completed: its seed spread is unknown")
