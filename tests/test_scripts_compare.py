@@ -272,3 +272,8 @@ def test_every_method_is_a_valid_run_config(preset):
         run = plan.run(method, plan.centre_lr(method), 0)
         cfg = load_config(plan.config, run["sets"])
         assert cfg.optim.lr == plan.centre_lr(method)
+        if plan.lr_sweep:                  # a reported run is scored on the slice after the tuning slice
+            assert cfg.data.val_skip_tokens == cfg.data.val_tokens
+        if compare_galore.inherits_scale(method):
+            scaled = load_config(plan.config, plan.run(method, 0.001, 1000, 0.5)["sets"])
+            assert (scaled.optim.matrix_lr_scale, scaled.data.val_skip_tokens) == (0.5, 0)
