@@ -243,7 +243,7 @@ class Plan:
         for m in self.methods:
             if m not in METHODS:
                 raise ConfigError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
-        if self.lr_points < 1 or n_tune < 1 or any(n is not None and n < 1 for n in (args.seeds,)):
+        if any(n is not None and n < 1 for n in (args.lr_points, args.seeds, args.tune_seeds)):
             raise ConfigError("--lr-points, --seeds and --tune-seeds must be positive")
         if any(x <= 0 for x in self.scales):
             raise ConfigError(f"--matrix-lr-scales {args.matrix_lr_scales}: expected positive numbers, e.g. 1,0.5,0.25")
