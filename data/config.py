@@ -26,6 +26,9 @@ class DataConfig:
     shuffle_buffer: int = 10000      # documents per shuffled chunk (the unit of shuffling, sharding and resume)
     seed: int = 42
     val_tokens: int = 10_000_000     # the fixed validation slice (GaLore evaluates 10M tokens)
+    # where that slice starts: after this many tokens of the validation split, so one split gives disjoint
+    # slices (e.g. choose hyper-parameters on the first val_tokens, report on the next ones)
+    val_skip_tokens: int = 0
     # DataLoader worker processes per rank: auto = AUTO_WORKERS_CUDA on a GPU, 0 (read in the training process) on CPU
     num_workers: int | str = "auto"
     pin_memory: bool | str = "auto"  # page-locked batches, copied to the GPU without a host sync: auto = on a GPU
@@ -47,8 +50,9 @@ class DataConfig:
                 raise DataError(f"data.{name}: must be positive, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise DataError(f"data.seq_len: must be at least 2, got {self.seq_len}")
-        if self.epochs < 0:
-            raise DataError(f"data.epochs: must be >= 0, got {self.epochs}")
+        for name in ("epochs", "val_skip_tokens"):
+            if getattr(self, name) < 0:
+                raise DataError(f"data.{name}: must be >= 0, got {getattr(self, name)}")
         if self.num_workers != "auto" and not (type(self.num_workers) is int and self.num_workers >= 0):
             raise DataError(f"data.num_workers: expected a number >= 0 or auto, got {self.num_workers!r}")
         if self.pin_memory not in (True, False, "auto"):

@@ -147,9 +147,15 @@ def _hub_shards(split: str) -> list[HubShard]:
 
 def split_shards(cfg: DataConfig, split: str) -> list:
     """The shards of `split` ("train" or "validation"), sorted by name; a single file holds both, split by
-    document (1 in data.builtin.VALIDATION_EVERY held out)."""
-    if split not in ("train", "validation"):
+    document (1 in data.builtin.VALIDATION_EVERY held out). `split="all"`: every document of a single file
+    (data.source=local), for text held out from training altogether."""
+    if split not in ("train", "validation", "all"):
         raise ValueError(split)
+    if split == "all":
+        if cfg.source != "local" or not Path(cfg.path).is_file():
+            raise DataError(f"the whole-file split needs data.source=local and data.path a file of documents, "
+                            f"got source={cfg.source} path={cfg.path!r}; point it at one .json.gz/.jsonl file")
+        return [LocalShard(Path(cfg.path))]
     if cfg.source == "builtin":
         return _local_dir_shards(builtin_corpus_dir(cfg.cache_path), split)
     if cfg.source == "c4":

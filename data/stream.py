@@ -248,21 +248,31 @@ class TrainBatches:
         self._it = None
 
 
-def validation_batches(cfg: DataConfig, tokenizer, batch_size: int, rank: int = 0, world_size: int = 1) -> list:
-    """This rank's share of the fixed validation slice: the first `cfg.val_tokens` tokens of the
-    validation split (shards by name, documents in file order, packed as in training), rows dealt
-    round-robin to ranks, in batches of `batch_size` (the last one may be smaller)."""
-    shards = split_shards(cfg, "validation")
-    rows, tokens = [], 0
+def validation_batches(cfg: DataConfig, tokenizer, batch_size: int, rank: int = 0, world_size: int = 1,
+                       split: str = "validation") -> list:
+    """This rank's share of the fixed validation slice: `cfg.val_tokens` tokens of the validation split
+    after its first `cfg.val_skip_tokens` (shards by name, documents in file order, packed as in training;
+    the slice starts at the first sequence past the skipped tokens), rows dealt round-robin to ranks, in
+    batches of `batch_size` (the last one may be smaller). `split="all"`: every document of a single file
+    (one held out from training altogether) instead of its validation split."""
+    shards = split_shards(cfg, split)
+    rows, skipped, tokens = [], 0, 0
     for inputs, labels in read_rows(cfg, tokenizer, shards, 0, 1, _start_pos(), Counter(), VAL_CHUNK_DOCS,
                                     shuffle=False, epochs=1):
         if tokens >= cfg.val_tokens:
             break
+        n = int((labels != IGNORE).sum())
+        if skipped < cfg.val_skip_tokens:
+            skipped += n
+            continue
         rows.append((inputs, labels))
-        tokens += int((labels != IGNORE).sum())
+        tokens += n
     if tokens < cfg.val_tokens:
-        log.warning("data: the validation split has only %d tokens, fewer than data.val_tokens=%d; "
-                    "evaluating on all of it", tokens, cfg.val_tokens)
+        log.warning("data: the validation split has only %d tokens after the %d skipped, fewer than "
+                    "data.val_tokens=%d; evaluating on all of them", tokens, skipped, cfg.val_tokens)
+    if not rows:
+        raise DataError(f"data.val_skip_tokens={cfg.val_skip_tokens} skips the whole validation split "
+                        f"({skipped} tokens); lower it")
     mine = rows[rank::world_size]
     return [_stack(mine[i:i + batch_size]) for i in range(0, len(mine), batch_size)]
 

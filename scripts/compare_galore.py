@@ -2,36 +2,36 @@
 the same model, data, token budget and seeds, then one table and one plot.
 
     scripts/compare_galore.sh --preset quick      # tiny model, built-in corpus: a few minutes on 2 CPU cores
-    scripts/compare_galore.sh --preset cpu        # the reproducible CPU comparison: 3 seeds, lr swept (~1 h)
+    scripts/compare_galore.sh --preset cpu        # the reproducible CPU comparison: 5 seeds, lrs tuned (<= 3 h, 2 cores)
     scripts/compare_galore.sh --preset official   # the official GaLore/VeLoRA codes' 20M setup, as exactly as we can
     scripts/compare_galore.sh                     # llama_60m with GaLore's recipe (a GPU)
     scripts/compare_galore.sh --config CFG --tokens N --seeds 3 --lr-sweep --methods full_rank,sr2_all ...
 
-Methods (`--methods` picks some; METHODS below lists them all). `--seeds N` trains every method at seeds
+Methods (`--methods` picks some; METHODS below lists them all). `--seeds N` reports every method at seeds
 0..N-1 (`train.seed`, `data.seed` and `velora.seed`: initial weights, data order and codec noise; the same
-seed gives every method the same initial weights and batches). `--lr-sweep` tries a log-spaced grid of
-`--lr-points` learning rates a factor 2 apart (10 per 3 decades: 5 per decade and a half) around each
-method's default, every lr at every seed, and extends it while the best mean validation loss sits at an
-edge; with `--sweep-seeds K` the sweep runs seeds 0..K-1 only and the best lr then runs at every seed
-(a cheaper protocol: the lr is chosen on fewer seeds, the reported mean covers them all). GaLore keeps its recipe's two parameter groups: one lr for all, its projected matrices' updates
-scaled by 0.25; the sweep moves that one lr. Each run lives in OUT/runs/<name>/ with its log
-OUT/logs/<name>.log; a run that completed with the same command line is reused, so the script resumes and
-re-tabulates. Memory columns are measured here, in this process, from real tensors. Writes
-OUT/results.csv, OUT/results.md and OUT/plot.png (compare_report.py). Exits non-zero when a run failed for
-another reason than a diverged loss.
+seed gives every method the same initial weights and batches). `--lr-sweep` chooses each method's lr on data
+that is never reported: a log-spaced grid of `--lr-points` lrs a factor 2 apart around the method's default
+runs at the tuning seeds (`--tune-seeds K`: seeds 1000..1000+K-1) and is scored on the tuning slice of
+validation (its first `data.val_tokens` tokens); the grid is extended while the best mean loss sits at an
+edge. The best lr then runs at the reported seeds, scored on the next `data.val_tokens` tokens
+(`data.val_skip_tokens`), and once more, scoring only, on ../shared/c4-heldout when it is present.
+`--matrix-lr-scales` also sweeps full-rank's `optim.matrix_lr_scale` (its matrices' lr / the lr of
+embeddings, norms and head), so full-rank is tuned over both lrs as GaLore's recipe is; the AdamW methods
+paired with full-rank then use full-rank's chosen scale. GaLore keeps its recipe's two parameter groups: one
+lr for all, its projected matrices' updates scaled by 0.25; the sweep moves that one lr. Each run lives in
+OUT/runs/<name>/ with its log OUT/logs/<name>.log; a run that completed with the same command line is
+reused, so the script resumes and re-tabulates. Memory columns are measured here, in this process, from
+real tensors. Writes OUT/results.csv, OUT/results.md and OUT/plot.png (compare_report.py). Exits non-zero
+when a run failed for another reason than a diverged loss.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shlex
-import shutil
-import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +45,7 @@ import torch  # noqa: E402
 from training import cli  # noqa: E402
 from training.config import load_config, resolve_batch  # noqa: E402
 from training.errors import ConfigError  # noqa: E402
+from compare_runs import execute, read_log, score_heldout  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 C4_SAMPLE = SHARED / "c4-sample" / "en"
@@ -113,6 +114,10 @@ class Preset:
     galore: dict = field(default_factory=dict)  # rank / update_proj_gap (default hidden/4, min(200, steps/50))
     jobs: int = 1
     evals: int = 4
+    lr_points: int = 5               # initial points of each method's lr grid
+    tune_seeds: int = 1              # seeds the lr sweep runs (never reported)
+    scales: list = field(default_factory=list)  # full-rank's optim.matrix_lr_scale grid (empty: not swept)
+    heldout_tokens: int = 10_000_000  # tokens of ../shared/c4-heldout scored per reported run
 
 
 def _cpu_data() -> list:
@@ -127,14 +132,19 @@ PRESETS = {
         "model.num_hidden_layers=2", "model.max_sequence_length=128", "data.seq_len=128", "data.val_tokens=16384",
         "deepspeed.train_batch_size=16", "deepspeed.train_micro_batch_size_per_gpu=16"],
         ["full_rank", "full_rank_ckpt", "galore", "velora_paper", "velora_all", "sr2_all", "velora_all_galore",
-         "velora_all_memopts"], tokens=300_000, jobs=2),
-    # The reproducible CPU comparison: a 128-wide, 2-layer LLaMA, every method that matters at 3 seeds, lr swept.
+         "velora_all_memopts"], tokens=300_000, jobs=2, heldout_tokens=16384),
+    # The reproducible CPU comparison (issue 21): a 128-wide, 2-layer LLaMA on the real C4 sample, 1,200 steps
+    # of 2,048 tokens (past the unigram plateau early: see results.md's regime block), warmup and clipping shared
+    # by every method; lrs chosen on tuning seed 1000 and the tuning slice, full-rank over lr x matrix_lr_scale;
+    # 7 methods reported at 5 seeds. Sized to finish in <= 3 h on 2 cores (docs/BENCHMARKS.md).
     "cpu": Preset("configs/llama_tiny.json", _cpu_data() + SMALL_VELORA + [
         "model.hidden_size=128", "model.intermediate_size=352", "model.num_attention_heads=4",
-        "model.num_hidden_layers=2", "model.vocab_size=2048", "data.val_tokens=131072",
-        "deepspeed.train_batch_size=16", "deepspeed.train_micro_batch_size_per_gpu=16"],
-        ["full_rank", "galore", "velora_all", "sr2_velora_down"], tokens=500_000, seeds=3, lr_sweep=True,
-        lrs={"full_rank": 0.002, "velora_all": 0.002, "sr2_velora_down": 0.002}, jobs=2, evals=8),
+        "model.num_hidden_layers=2", "model.vocab_size=2048", "model.max_sequence_length=128", "data.seq_len=128",
+        "data.val_tokens=65536", "deepspeed.train_batch_size=16", "deepspeed.train_micro_batch_size_per_gpu=16",
+        "optim.warmup_ratio=0.1", "deepspeed.gradient_clipping=1.0"],
+        ["full_rank", "full_rank_split", "galore", "velora_paper", "velora_all", "sr2_all", "sr2_velora_down"],
+        tokens=1200 * 16 * 128, seeds=5, lr_sweep=True, lr_points=3, tune_seeds=1, scales=[0.25, 0.5, 1.0],
+        lrs={"full_rank": 0.004}, jobs=2, evals=24, heldout_tokens=10_000_000),
     # The official codes' setup (GaLore's torchrun_main.py and VeLoRA's script on LLaMA-20M): see
     # docs/BENCHMARKS.md for where our pipeline still differs.
     "official": Preset("configs/llama_20m.json", [
@@ -156,8 +166,10 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, help="training tokens per run (default: the preset's, else max_steps worth)")
     p.add_argument("--seeds", type=int, help="seeds 0..N-1 for every method (default: the preset's)")
     p.add_argument("--lr-sweep", action="store_true", default=None, help="sweep the lr per method (see above)")
-    p.add_argument("--lr-points", type=int, default=5, help="initial points of the lr grid (factor 2 apart)")
-    p.add_argument("--sweep-seeds", type=int, help="seeds the lr sweep runs (default: all); the best lr runs at all")
+    p.add_argument("--lr-points", type=int, help="initial points of the lr grid, factor 2 apart (default: the preset's)")
+    p.add_argument("--tune-seeds", type=int, help="seeds the lr sweep runs, never reported (default: the preset's)")
+    p.add_argument("--matrix-lr-scales", help="comma-separated initial grid of full-rank's optim.matrix_lr_scale "
+                                              "(default: the preset's; none: not swept)")
     p.add_argument("--lr", type=float, help="lr (or the sweep's centre) of the AdamW methods")
     p.add_argument("--galore-lr", type=float,
                    help=f"lr (or the sweep's centre) of the GaLore methods and the *_split ones ({GALORE_LR})")
@@ -166,6 +178,8 @@ def parse_args(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override for every method")
     p.add_argument("--method-set", action="append", default=[], metavar="METHOD:SECTION.KEY=VALUE",
                    help="override for one method (e.g. galore:optim.galore_rank=64)")
+    p.add_argument("--heldout-tokens", type=int, help="tokens of ../shared/c4-heldout scored per reported run "
+                                                      "(default: the preset's; 0: none)")
     p.add_argument("--evals", type=int, help="validation evaluations per run (the loss curve's points)")
     p.add_argument("--jobs", type=int, help="runs at once, each with cores / jobs threads (one-thread runs side by "
                                             "side beat two-thread runs on a busy small CPU; step times are then "
@@ -178,8 +192,21 @@ def parse_args(argv=None):
     return args
 
 
+TUNE_SEED0 = 1000                     # tuning seeds are 1000, 1001, ...: never a reported seed
+SCALE_SWEPT = "full_rank"             # the method tuned over optim.lr x optim.matrix_lr_scale
+
+
+def inherits_scale(method: str) -> bool:
+    """Whether `method` trains with full-rank's chosen matrix_lr_scale: an AdamW method paired with full-rank
+    that sets no lr recipe of its own."""
+    m = METHODS[method]
+    return (method != SCALE_SWEPT and not m.galore and m.reference == SCALE_SWEPT
+            and not any(s.startswith("optim.matrix_lr_scale=") for s in m.sets))
+
+
 class Plan:
-    """The runs of one comparison: the common settings, and one train_c4.py command per (method, lr, seed)."""
+    """The runs of one comparison: the common settings, and one train_c4.py command per (method, lr, matrix lr
+    scale, seed), tuning runs apart from reported ones."""
 
     def __init__(self, args):
         pre = PRESETS[args.preset]
@@ -196,8 +223,14 @@ class Plan:
         self.galore_gap = pre.galore.get("update_proj_gap", min(200, max(1, self.steps // 50)))
         self.galore_rank = pre.galore.get("rank", max(1, self.base.model.hidden_size // 4))
         self.seeds = list(range(args.seeds or pre.seeds))
-        self.sweep_seeds = self.seeds[:args.sweep_seeds] if args.sweep_seeds else self.seeds
         self.lr_sweep = pre.lr_sweep if args.lr_sweep is None else args.lr_sweep
+        self.lr_points = args.lr_points or pre.lr_points
+        n_tune = args.tune_seeds or pre.tune_seeds
+        self.tune_seeds = [TUNE_SEED0 + k for k in range(n_tune)] if self.lr_sweep else []
+        scales = pre.scales if args.matrix_lr_scales is None else [
+            float(x) for x in args.matrix_lr_scales.split(",") if x.strip() not in ("", "none")]
+        self.scales = sorted(scales) if self.lr_sweep else []
+        self.heldout_tokens = pre.heldout_tokens if args.heldout_tokens is None else args.heldout_tokens
         self.out = Path(args.out or f"runs/compare_{args.preset}")
         self.per_method = {}
         for item in args.method_set:
@@ -210,8 +243,10 @@ class Plan:
         for m in self.methods:
             if m not in METHODS:
                 raise ConfigError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
-        if args.lr_points < 1 or any(n is not None and n < 1 for n in (args.seeds, args.sweep_seeds)):
-            raise ConfigError("--lr-points, --seeds and --sweep-seeds must be positive")
+        if any(n is not None and n < 1 for n in (args.lr_points, args.seeds, args.tune_seeds)):
+            raise ConfigError("--lr-points, --seeds and --tune-seeds must be positive")
+        if any(x <= 0 for x in self.scales):
+            raise ConfigError(f"--matrix-lr-scales {args.matrix_lr_scales}: expected positive numbers, e.g. 1,0.5,0.25")
 
     def centre_lr(self, method: str) -> float:
         m = METHODS[method]
@@ -219,139 +254,110 @@ class Plan:
             return self.args.galore_lr or self.preset.lrs.get(method, m.centre or GALORE_LR)
         return self.args.lr or self.preset.lrs.get(method, self.base.optim.lr)
 
-    def initial_lrs(self, method: str) -> list:
-        if not self.lr_sweep:
-            return [self.centre_lr(method)]
-        n = self.args.lr_points
-        return [self.centre_lr(method) * 2.0 ** (k - n // 2) for k in range(n)]
+    def initial_grid(self, method: str, chosen: dict) -> tuple[list, list]:
+        """(lrs, matrix_lr_scales) a method starts from; scales [None]: the method's own recipe. The methods that
+        inherit full-rank's chosen scale also centre their lrs on its chosen lr unless --lr or the preset names
+        one (`chosen`: {method: (lr, scale)})."""
+        n = self.lr_points if self.lr_sweep else 1
+        inherit = inherits_scale(method) and chosen.get(SCALE_SWEPT)
+        centre = (chosen[SCALE_SWEPT][0] if inherit and not (self.args.lr or method in self.preset.lrs)
+                  else self.centre_lr(method))
+        lrs = [centre * 2.0 ** (k - n // 2) for k in range(n)]
+        if method == SCALE_SWEPT and self.scales:
+            return lrs, list(self.scales)
+        return lrs, [chosen[SCALE_SWEPT][1]] if inherit else [None]
 
-    def run(self, method: str, lr: float, seed: int) -> dict:
+    def phases(self) -> list[list]:
+        """The methods in the order their lrs are chosen: full-rank first when others inherit its scale."""
+        first = [m for m in self.methods if m == SCALE_SWEPT and self.scales]
+        rest = [m for m in self.methods if m not in first]
+        return [g for g in (first, rest) if g]
+
+    def run(self, method: str, lr: float, seed: int, scale: float | None = None) -> dict:
+        """One train_c4.py run; a reported seed (< TUNE_SEED0) is scored on the report slice of validation."""
         m = METHODS[method]
         opt = (["optim.name=galore_adamw", f"optim.galore_rank={self.galore_rank}",
                 f"optim.galore_update_proj_gap={self.galore_gap}", "optim.galore_scale=0.25"]
                if m.galore else ["optim.name=adamw"])
-        name = method + (f"_lr{lr:.4g}" if self.lr_sweep else "") + (f"_s{seed}" if len(self.seeds) > 1 else "")
+        tune = seed >= TUNE_SEED0
+        name = (method + (f"_lr{lr:.4g}" if self.lr_sweep else "") + ("" if scale is None else f"_m{scale:g}")
+                + (f"_s{seed}" if len(self.seeds) > 1 or tune else ""))
         sets = self.common + opt + m.sets + self.per_method.get(method, []) + [
             f"optim.lr={lr!r}", f"train.seed={seed}", f"data.seed={seed}", f"velora.seed={seed}",
             f"train.max_steps={self.steps}", f"train.eval_every={self.eval_every}", f"train.save_every={self.steps}",
             f"train.log_every={max(1, min(10, self.steps // 20))}", "train.keep_last=1",
             f"train.output_dir={self.out / 'runs' / name}"]
+        if scale is not None:
+            sets.append(f"optim.matrix_lr_scale={scale!r}")
+        if self.lr_sweep and not tune:          # the tuning runs scored the first slice: report on the next one
+            sets.append(f"data.val_skip_tokens={self.base.data.val_tokens}")
         cmd = [sys.executable, "train_c4.py", "--config", self.config] + [a for s in sets for a in ("--set", s)]
-        return {"name": name, "method": method, "label": m.label, "lr": lr, "seed": seed, "sets": sets,
-                "config": self.config, "cmd": cmd, "run_dir": self.out / "runs" / name,
-                "log": self.out / "logs" / f"{name}.log"}
+        return {"name": name, "method": method, "label": m.label, "lr": lr, "scale": scale, "seed": seed,
+                "phase": "tune" if tune else "report", "sets": sets, "config": self.config, "cmd": cmd,
+                "run_dir": self.out / "runs" / name, "log": self.out / "logs" / f"{name}.log"}
 
     def facts(self) -> dict:
         argv = self.args.argv or []
         return {"config": self.config, "out": self.out, "steps": self.steps, "tokens_per_step": self.tokens_per_step,
                 "tokens": self.steps * self.tokens_per_step, "galore_rank": self.galore_rank,
                 "galore_gap": self.galore_gap, "base": self.base, "seeds": self.seeds, "lr_sweep": self.lr_sweep,
-                "sweep_seeds": self.sweep_seeds,
+                "tune_seeds": self.tune_seeds, "scales": self.scales, "eval_every": self.eval_every,
                 "preset": self.args.preset, "methods": self.methods,
                 "references": {m: METHODS[m].reference for m in self.methods},
                 "command": " ".join(shlex.quote(a) for a in ["scripts/compare_galore.sh"] + argv)}
 
 
-MARKER = "compare_run.json"
-
-
-def _done(run) -> dict | None:
-    marker = run["run_dir"] / MARKER
-    if marker.is_file():
-        rec = json.loads(marker.read_text())
-        if rec.get("cmd") == run["cmd"][1:] and rec.get("returncode") is not None:
-            return rec
-    return None
-
-
-def execute(run, threads: int, lock) -> dict:
-    """Run one train_c4.py (or reuse a finished identical run); stream its progress lines."""
-    tag = f"[{run['name']}]"
-    rec = _done(run)
-    if rec is not None and (rec["returncode"] == 0 or rec.get("diverged")):
-        print(f"{tag} reusing the completed run in {run['run_dir']}", flush=True)
-        return rec
-    if run["run_dir"].exists():
-        if not (run["run_dir"] / MARKER).is_file():
-            raise ConfigError(f"{run['run_dir']} exists and was not made by compare_galore; choose another --out")
-        shutil.rmtree(run["run_dir"])                      # our own earlier, incomplete or different run
-    run["run_dir"].mkdir(parents=True)
-    (run["run_dir"] / MARKER).write_text(json.dumps({"cmd": run["cmd"][1:], "returncode": None}) + "\n")
-    run["log"].parent.mkdir(parents=True, exist_ok=True)
-    print(f"{tag} start: {' '.join(shlex.quote(a) for a in run['cmd'])}", flush=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads))
-    t0 = time.time()
-    last = ""
-    with open(run["log"], "w") as log:
-        proc = subprocess.Popen(run["cmd"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env, errors="replace")
-        for line in proc.stdout:                          # text mode splits tqdm's \r updates too
-            log.write(line)
-            line = line.strip()
-            if line.startswith(("eval at", "final validation", "error", "Traceback")) or "Error" in line:
-                with lock:
-                    print(f"{tag} {line}", flush=True)
-            if line and not line.startswith("train:"):
-                last = line
-        rc = proc.wait()
-    error = None if rc == 0 else _error_line(run["log"]) or last
-    rec = {"cmd": run["cmd"][1:], "returncode": rc, "wall_s": time.time() - t0, "error": error,
-           "diverged": bool(error and "non-finite loss" in error)}
-    (run["run_dir"] / MARKER).write_text(json.dumps(rec, indent=1) + "\n")
-    print(f"{tag} {'done' if rc == 0 else 'DIVERGED' if rec['diverged'] else 'FAILED'} in {rec['wall_s']:.0f} s"
-          + (f": {error}" if rc else ""), flush=True)
-    return rec
-
-
-def _error_line(log: Path) -> str:
-    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if ln.startswith("error:") or "Error" in ln.split(":")[0]:
-            return ln
-    return lines[-1] if lines else "no output"
-
-
 def sweep(plan: Plan, pool, threads: int) -> list[tuple[dict, dict]]:
-    """Run every (method, lr, seed of the sweep); with --lr-sweep, extend each method's grid by a factor 2
-    beyond an edge while the best mean validation loss sits there (at most 6 extensions per method); then
-    run the seeds the sweep left out at each method's best lr."""
+    """Choose every method's (lr, matrix lr scale) on the tuning seeds, phase by phase (Plan.phases); with
+    --lr-sweep, extend a grid by a factor 2 beyond an edge while the best mean tuning loss sits there (at most
+    6 extensions per method); then run each method's choice at every reported seed."""
     lock = threading.Lock()
-    lrs = {m: plan.initial_lrs(m) for m in plan.methods}
-    done = {}
+    done, chosen = {}, {}
 
     def run_all(todo):
         for run, rec in zip(todo, pool.map(lambda r: execute(r, threads, lock), todo)):
-            done[(run["method"], run["lr"], run["seed"])] = (run, rec)
+            done[(run["method"], run["lr"], run["scale"], run["seed"])] = (run, rec)
 
-    for _ in range(7):
-        todo = [plan.run(m, lr, s) for m in plan.methods for lr in lrs[m] for s in plan.sweep_seeds
-                if (m, lr, s) not in done]
-        if not todo:
-            break
-        run_all(todo)
-        if not plan.lr_sweep:
-            break
-        for m in plan.methods:
-            best = _best_lr(done, m, len(plan.sweep_seeds))
-            if best is None:                              # every lr diverged or failed: go lower
-                lrs[m] = [min(lrs[m]) / 2] + lrs[m]
-            elif best == min(lrs[m]):
-                lrs[m] = [best / 2] + lrs[m]
-            elif best == max(lrs[m]):
-                lrs[m] = lrs[m] + [best * 2]
-    rest = [s for s in plan.seeds if s not in plan.sweep_seeds]
-    run_all([plan.run(m, best, s) for m in plan.methods if (best := _best_lr(done, m, len(plan.sweep_seeds)))
-             for s in rest])
+    for group in plan.phases():
+        grids = {m: plan.initial_grid(m, chosen) for m in group}
+        for _ in range(7 if plan.lr_sweep else 0):
+            todo = [plan.run(m, lr, s, sc) for m in group for lr in grids[m][0] for sc in grids[m][1]
+                    for s in plan.tune_seeds if (m, lr, sc, s) not in done]
+            if not todo:
+                break
+            run_all(todo)
+            for m in group:
+                grids[m] = _extend(grids[m], _best_point(done, m, plan.tune_seeds), m == SCALE_SWEPT and plan.scales)
+        for m in group:
+            chosen[m] = _best_point(done, m, plan.tune_seeds) if plan.lr_sweep else (grids[m][0][0], grids[m][1][0])
+    run_all([plan.run(m, chosen[m][0], s, chosen[m][1]) for m in plan.methods if chosen[m] for s in plan.seeds])
     return list(done.values())
 
 
-def _best_lr(done: dict, method: str, n_seeds: int) -> float | None:
-    """The lr with the lowest mean final validation loss over `n_seeds` seeds, or None when none finished."""
-    from compare_report import lr_means
+def _extend(grid: tuple[list, list], best: tuple | None, sweep_scale: bool) -> tuple[list, list]:
+    """The grid with one more point beyond the edge the best point sits on (lower lrs when none finished)."""
+    lrs, scales = grid
+    if best is None:                                  # every lr diverged or failed: go lower
+        return [min(lrs) / 2] + lrs, scales
+    lr, scale = best
+    if lr == min(lrs):
+        lrs = [lr / 2] + lrs
+    elif lr == max(lrs):
+        lrs = lrs + [lr * 2]
+    if sweep_scale and scale == min(scales):
+        scales = [scale / 2] + scales
+    elif sweep_scale and scale == max(scales):
+        scales = scales + [scale * 2]
+    return lrs, scales
 
-    means = lr_means([(r, read_log(r["run_dir"]) if rec["returncode"] == 0 else {})
-                      for (m, _, s), (r, rec) in done.items() if m == method and s < n_seeds], n_seeds)
-    finite = {lr: v for lr, v in means.items() if math.isfinite(v)}
+
+def _best_point(done: dict, method: str, seeds: list) -> tuple | None:
+    """The (lr, scale) with the lowest mean final tuning loss over `seeds`, or None when none finished."""
+    from compare_report import point_means
+
+    means = point_means([(r, read_log(r["run_dir"]) if rec["returncode"] == 0 else {})
+                         for (m, _, _, s), (r, rec) in done.items() if m == method and s in seeds], len(seeds))
+    finite = {p: v for p, v in means.items() if math.isfinite(v)}
     return min(finite, key=finite.get) if finite else None
 
 
@@ -393,37 +399,39 @@ def measure(run, measure_batch: int) -> dict:
         loss = model(ids, labels=ids)
     loss.backward()
     optimizer.step()
-    return {"param_bytes": rep["parameters"], "grad_bytes": rep["gradients"],
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "param_bytes": rep["parameters"], "grad_bytes": rep["gradients"],
             "optim_state_bytes": state_bytes(optimizer.state, set()),
             "saved_bytes_micro": rep["saved_total"] * micro / b, "saved_measured_batch": b, "micro_batch": micro,
             "saved_by_category_micro": {k: v * micro / b for k, v in rep["saved"].items()}}
 
 
-def read_log(run_dir: Path) -> dict:
-    """What train_c4.py logged: the final evaluation, the eval curve, median step time and tokens/s, peak memory."""
-    import statistics
-    path = run_dir / "train_log.jsonl"
-    recs = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
-    train = [r for r in recs if r["kind"] == "train"]
-    evals = [r for r in recs if r["kind"] == "eval"]
-    out = {}
-    timed = train[1:] or train                          # the first logged step includes warm-up
-    if timed:
-        out["step_time_s"] = statistics.median(r["step_time_s"] for r in timed)
-        out["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in timed)
-        out["tokens_trained"] = train[-1]["tokens_seen"]
-        for key in ("peak_rss", "cuda_max_allocated", "cuda_max_reserved"):
-            if key in train[-1]:
-                out[key] = max(r.get(key, 0) for r in train)
-    if evals:
-        last = evals[-1]
-        out.update(val_loss=last["loss"], val_ppl=last["ppl"], val_galore_ppl=last["galore_ppl"],
-                   eval_tokens=last["tokens"], steps=last["step"])
-        # x = steps x the nominal tokens per step, the same for every seed (tokens_seen varies with packing)
-        cfg = json.loads((run_dir / "run_config.json").read_text())
-        per_step = cfg["deepspeed"]["train_batch_size"] * cfg["data"]["seq_len"]
-        out["curve"] = [(r["step"] * per_step, r["loss"]) for r in evals]
-    return out
+def tabulate(plan: Plan, results: list, pool, measure_batch: int) -> list[dict]:
+    """One row per run: its status, what it logged, the memory measured for its method and, for a reported run,
+    its held-out score."""
+    results = sorted(results, key=lambda x: (plan.methods.index(x[0]["method"]), x[0]["lr"], x[0]["scale"] or 0,
+                                             x[0]["seed"]))
+    report = [run for run, rec in results if run["phase"] == "report" and rec["returncode"] == 0]
+    heldout = dict(zip((r["name"] for r in report),
+                       pool.map(lambda r: score_heldout(r, plan.heldout_tokens), report)))
+    rows, measured = [], {}
+    for run, rec in results:
+        status = "ok" if rec["returncode"] == 0 else "diverged" if rec.get("diverged") else "failed"
+        row = {"name": run["name"], "method": run["method"], "label": run["label"], "lr": run["lr"],
+               "scale": run["scale"], "seed": run["seed"], "phase": run["phase"], "status": status,
+               "error": rec["error"] or "", "wall_s": rec["wall_s"],
+               "command": " ".join(shlex.quote(a) for a in ["python"] + rec["cmd"])}
+        if status == "ok":
+            row.update(read_log(run["run_dir"]), **heldout.get(run["name"], {}))
+            if run["method"] not in measured:
+                try:
+                    measured[run["method"]] = measure(run, measure_batch)
+                except Exception as e:                   # a measurement failure is reported, not fatal
+                    measured[run["method"]] = {"measure_error": f"{type(e).__name__}: {e}"}
+                    print(f"[{run['method']}] memory measurement failed: {type(e).__name__}: {e}", flush=True)
+            row.update(measured[run["method"]])
+        rows.append(row)
+    return rows
 
 
 def compare(argv) -> int:
@@ -438,24 +446,10 @@ def compare(argv) -> int:
     jobs = max(1, args.jobs or plan.preset.jobs)
     threads = max(1, len(os.sched_getaffinity(0)) // jobs)   # the cores this process may use (taskset, cgroups)
     facts.update(jobs=jobs, threads=threads)
+    from compare_regime import train_split_stats
+    facts.update(train_split_stats(plan.base))
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        results = sweep(plan, pool, threads)
-    rows, measured = [], {}
-    for run, rec in sorted(results, key=lambda x: (plan.methods.index(x[0]["method"]), x[0]["lr"], x[0]["seed"])):
-        status = "ok" if rec["returncode"] == 0 else "diverged" if rec.get("diverged") else "failed"
-        row = {"name": run["name"], "method": run["method"], "label": run["label"], "lr": run["lr"],
-               "seed": run["seed"], "status": status, "error": rec["error"] or "", "wall_s": rec["wall_s"],
-               "command": " ".join(shlex.quote(a) for a in ["python"] + rec["cmd"])}
-        if status == "ok":
-            row.update(read_log(run["run_dir"]))
-            if run["method"] not in measured:
-                try:
-                    measured[run["method"]] = measure(run, args.measure_batch)
-                except Exception as e:                   # a measurement failure is reported, not fatal
-                    measured[run["method"]] = {"measure_error": f"{type(e).__name__}: {e}"}
-                    print(f"[{run['method']}] memory measurement failed: {type(e).__name__}: {e}", flush=True)
-            row.update(measured[run["method"]])
-        rows.append(row)
+        rows = tabulate(plan, sweep(plan, pool, threads), pool, args.measure_batch)
     from compare_report import write_reports
     write_reports(rows, facts, plan.out)
     failed = sorted({r["name"] for r in rows if r["status"] == "failed" or "measure_error" in r})

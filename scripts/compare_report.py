@@ -1,6 +1,7 @@
-"""The tables and the plot of scripts/compare_galore.py: results.csv (one row per run), results.md (one row
-per method at its best lr: mean ± std over seeds, paired ratios to full-rank, whether a difference is
-beyond the seed spread, whether the curves still cross) and plot.png."""
+"""The tables and the plot of scripts/compare_galore.py: results.csv (one row per run), results.md (the two
+gates first, the regime, then one row per method at its chosen lr: every reported seed's final loss, the
+paired verdict against its control on the report slice and on c4-heldout, whether the curves still cross)
+and plot.png. The statistics are compare_stats.py's, the regime block compare_regime.py's."""
 from __future__ import annotations
 
 import csv
@@ -10,6 +11,9 @@ import platform
 import statistics
 from pathlib import Path
 
+import compare_stats as stats
+from compare_regime import regime_lines
+
 MIB = 2 ** 20
 # Published validation perplexities for the same model sizes (not ours): GaLore paper (Zhao et al.,
 # 2024) Table 2, 1.1B/2.2B/6.4B/13.1B training tokens for 60M/130M/350M/1B; VeLoRA's official
@@ -17,99 +21,113 @@ MIB = 2 ** 20
 PUBLISHED = [("GaLore paper, Table 2", "full-rank", {"60m": 34.06, "130m": 25.08, "350m": 18.80, "1b": 15.56}),
              ("GaLore paper, Table 2", "GaLore", {"60m": 34.88, "130m": 25.36, "350m": 18.95, "1b": 15.64}),
              ("VeLoRA official repository README", "VeLoRA", {"60m": 33.28})]
-CSV_FIELDS = ["name", "method", "label", "lr", "seed", "selected", "status", "error", "val_loss", "val_ppl",
-              "val_galore_ppl", "ppl_vs_full_rank", "eval_tokens", "steps", "tokens_trained", "param_bytes",
-              "grad_bytes", "optim_state_bytes", "saved_bytes_micro", "saved_vs_full_rank", "saved_measured_batch",
-              "micro_batch", "peak_rss", "cuda_max_allocated", "cuda_max_reserved", "tokens_per_s", "step_time_s",
-              "wall_s", "command"]
-# Two-sided 95% Student t quantiles by degrees of freedom (a paired test over seeds).
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+CSV_FIELDS = ["name", "method", "label", "phase", "lr", "scale", "seed", "selected", "status", "error", "val_loss",
+              "val_ppl", "val_galore_ppl", "heldout_loss", "heldout_ppl", "escape_step", "eval_tokens", "steps",
+              "tokens_trained", "params", "param_bytes", "grad_bytes", "optim_state_bytes", "saved_bytes_micro",
+              "saved_vs_full_rank", "saved_measured_batch", "micro_batch", "peak_rss", "cuda_max_allocated",
+              "cuda_max_reserved", "tokens_per_s", "step_time_s", "wall_s", "command"]
 
 
-def lr_means(entries: list, n_seeds: int) -> dict:
-    """{lr: mean final validation loss over the seeds} from (run, log) pairs of one method; inf where a seed
-    diverged or failed; lrs whose seeds have not all run are left out."""
-    by_lr = {}
+def point_means(entries: list, n_seeds: int) -> dict:
+    """{(lr, matrix lr scale): mean final validation loss over the seeds} from (run, log) pairs of one
+    method; inf where a seed diverged or failed; points whose seeds have not all run are left out."""
+    by_point = {}
     for run, log in entries:
-        by_lr.setdefault(run["lr"], []).append(log.get("val_loss", math.inf))
-    return {lr: (statistics.fmean(v) if all(math.isfinite(x) for x in v) else math.inf)
-            for lr, v in by_lr.items() if len(v) == n_seeds}
+        by_point.setdefault((run["lr"], run.get("scale")), []).append(log.get("val_loss", math.inf))
+    return {p: (statistics.fmean(v) if all(math.isfinite(x) for x in v) else math.inf)
+            for p, v in by_point.items() if len(v) == n_seeds}
 
 
 def _mean_std(values: list) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
 
 
-def spread_verdict(ratios: list, limit: float = 1.0) -> str:
-    """Whether paired per-seed ratios differ from `limit` beyond the seed spread (95% paired t interval)."""
-    if len(ratios) < 2:
-        return "one seed: spread unknown"
-    mean, std = _mean_std(ratios)
-    half = T95.get(len(ratios) - 1, 2.0) * std / math.sqrt(len(ratios))
-    lo, hi = mean - half, mean + half
-    if hi < limit:
-        return f"below {limit:g} beyond the seed spread (95% interval {lo:.3f}–{hi:.3f})"
-    if lo > limit:
-        return f"above {limit:g} beyond the seed spread (95% interval {lo:.3f}–{hi:.3f})"
-    return f"within the seed spread of {limit:g} (95% interval {lo:.3f}–{hi:.3f})"
+def grid_edges(points: list, best: tuple) -> list[str] | None:
+    """Why `best` (lr, scale) is not strictly inside the grid of tried `points`: [] when it is; None when
+    fewer than two lrs were tried (no sweep)."""
+    lr, scale = best
+    lrs = sorted({p[0] for p in points if p[1] == scale})
+    if len({p[0] for p in points}) < 2:
+        return None
+    edges = [f"lr {lr:.4g} is the {'lowest' if lr == lrs[0] else 'highest'} tried"] if lr in (lrs[0], lrs[-1]) else []
+    scales = sorted({p[1] for p in points if p[0] == lr and p[1] is not None})
+    if len(scales) > 1 and scale in (scales[0], scales[-1]):
+        edges.append(f"matrix_lr_scale {scale:g} is the {'lowest' if scale == scales[0] else 'highest'} tried")
+    return edges
 
 
-def summarize(rows: list[dict], n_seeds: int, references: dict | None = None) -> list[dict]:
-    """One dict per method at its best lr (lowest mean validation loss over all seeds), paired by seed against
-    full-rank and, where `references` names another method (full-rank with the same lr recipe), against that."""
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    out = []
-    for m in methods:
-        mine = [r for r in rows if r["method"] == m]
-        means = lr_means([(r, r) for r in mine], n_seeds)
-        finite = {lr: v for lr, v in means.items() if math.isfinite(v)}
-        s = {"method": m, "label": mine[0]["label"], "lrs": means, "rows": mine}
-        if finite:
-            best = min(finite, key=finite.get)
-            sel = sorted((r for r in mine if r["lr"] == best), key=lambda r: r["seed"])
-            for r in sel:
-                r["selected"] = True
-            s.update(best_lr=best, selected=sel, ppl=_mean_std([r["val_ppl"] for r in sel]),
-                     galore_ppl=_mean_std([r["val_galore_ppl"] for r in sel]),
-                     step_time=statistics.fmean(r["step_time_s"] for r in sel),
-                     tokens_per_s=statistics.fmean(r["tokens_per_s"] for r in sel),
-                     edge=len(means) > 1 and best in (min(means), max(means)), **{k: sel[0].get(k) for k in (
-                         "saved_bytes_micro", "param_bytes", "grad_bytes", "optim_state_bytes", "measure_error")})
-            s["curve"] = _mean_curve(sel)
-        out.append(s)
-    done = {s["method"]: s for s in out if "best_lr" in s}
-    ref = done.get("full_rank")
+def _method_summary(m: str, mine: list, n_tune: int) -> dict:
+    """A method's chosen point (from its tuning runs), its reported runs and their statistics."""
+    tune = [r for r in mine if r.get("phase") == "tune"]
+    report = sorted((r for r in mine if r.get("phase", "report") == "report"), key=lambda r: r["seed"])
+    means = point_means([(r, r) for r in tune], n_tune)
+    s = {"method": m, "label": mine[0]["label"], "means": means, "rows": mine, "selected": report}
+    if not report:
+        return s
+    best = (report[0]["lr"], report[0].get("scale"))
+    ok = [r for r in report if r["status"] == "ok"]
+    for r in report:
+        r["selected"] = True
+    s.update(best=best, edges=grid_edges(list(means), best) if means else None,
+             losses={r["seed"]: r["val_loss"] for r in ok},
+             heldout={r["seed"]: r["heldout_loss"] for r in ok if r.get("heldout_loss") is not None},
+             missing=[r["seed"] for r in report if r["status"] != "ok"])
+    if ok:
+        s.update(ppl=_mean_std([r["val_ppl"] for r in ok]), curve=_mean_curve(ok),
+                 step_time=statistics.fmean(r["step_time_s"] for r in ok), **{k: ok[0].get(k) for k in (
+                     "saved_bytes_micro", "param_bytes", "grad_bytes", "optim_state_bytes", "measure_error")})
+    return s
+
+
+def paired_diffs(a: dict, b: dict, key: str = "losses") -> list:
+    """Per-seed loss differences a - b (nats: the log of the perplexity ratio), over the seeds both have."""
+    return [a[key][seed] - b[key][seed] for seed in sorted(a.get(key, {})) if seed in b.get(key, {})]
+
+
+def summarize(rows: list[dict], n_tune: int, references: dict | None = None) -> list[dict]:
+    """One dict per method: its chosen point, reported runs and, against its control (`references`, default
+    full-rank), the paired verdict on the report slice and on the held-out text."""
+    out = [_method_summary(m, [r for r in rows if r["method"] == m], n_tune)
+           for m in dict.fromkeys(r["method"] for r in rows)]
+    done = {s["method"]: s for s in out if s.get("losses")}
+    full = done.get("full_rank")
     for s in done.values():
-        own = done.get((references or {}).get(s["method"], "full_rank"))
-        if own is not None and own is not ref and own is not s:
-            ratios = _paired(s, own)
-            s["same_recipe"] = {"label": own["label"], "ratios": ratios, "ratio": _mean_std(ratios),
-                                "verdict": spread_verdict(ratios)}
-        full = ref or own            # full-rank saves the same bytes whatever its lr recipe
+        control = done.get((references or {}).get(s["method"], "full_rank"))
+        if full is not None and "step_time" in s and "step_time" in full:
+            s["step_time_ratio"] = s["step_time"] / full["step_time"]
         if full is not None and s.get("saved_bytes_micro") and full.get("saved_bytes_micro"):
             s["saved_ratio"] = s["saved_bytes_micro"] / full["saved_bytes_micro"]
-        if ref is None:
+            for r in s["selected"]:
+                r["saved_vs_full_rank"] = s["saved_ratio"]
+        if control is None or control is s:
             continue
-        by_seed = _ratios_by_seed(s, ref)
-        s["ratios"] = list(by_seed.values())
-        s["ratio"] = _mean_std(s["ratios"])
-        s["verdict"] = spread_verdict(s["ratios"]) if s is not ref else ""
-        s["step_time_ratio"] = s["step_time"] / ref["step_time"]
-        for r in s["selected"]:
-            r["ppl_vs_full_rank"] = by_seed.get(r["seed"], "")
-            r["saved_vs_full_rank"] = s.get("saved_ratio", "")
+        diffs = paired_diffs(s, control)
+        s["control"] = control["method"]
+        s["diffs"], s["ci"] = diffs, stats.interval(diffs)
+        s["verdict"] = stats.verdict(diffs)
+        if s["missing"]:
+            s["verdict"] = ("inconclusive", f"inconclusive: seed(s) {', '.join(map(str, s['missing']))} did not "
+                                            f"finish at the chosen lr")
+        held = paired_diffs(s, control, "heldout")
+        if held:
+            s["heldout_verdict"] = stats.verdict(held)
     return out
 
 
-def _ratios_by_seed(s: dict, ref: dict) -> dict:
-    """{seed: perplexity of `s` / perplexity of `ref`}, each at its best lr, for the seeds both ran."""
-    base = {r["seed"]: r["val_ppl"] for r in ref["selected"]}
-    return {r["seed"]: r["val_ppl"] / base[r["seed"]] for r in s["selected"] if r["seed"] in base}
-
-
-def _paired(s: dict, ref: dict) -> list:
-    """Per-seed perplexity ratios of `s` to `ref` (the seeds both ran)."""
-    return list(_ratios_by_seed(s, ref).values())
+def gates(summary: list, references: dict | None = None) -> list[tuple[str, bool, list[str]]]:
+    """[(name, passed, notes)] of gate (a) (full-rank's seed spread, every best lr inside its grid) and gate (b)
+    (GaLore not more than 2% better than tuned full-rank)."""
+    done = {s["method"]: s for s in summary if s.get("losses")}
+    controls = {c for c in ["full_rank", *(references or {}).values()] if c in done}
+    grids = {s["method"]: s.get("edges") if "best" in s else ["no lr finished at the tuning seeds"] for s in summary}
+    ok_a, notes_a = stats.gate_spread_and_grid({c: list(done[c]["losses"].values()) for c in sorted(controls)}, grids)
+    lost = [f"{c}: seed(s) {', '.join(map(str, done[c]['missing']))} did not finish" for c in sorted(controls)
+            if done[c]["missing"]]
+    ok_a, notes_a = ok_a and not lost, notes_a + lost
+    galore = done.get("galore")
+    diffs = paired_diffs(galore, done["full_rank"]) if galore and "full_rank" in done else None
+    ok_b, note_b = stats.gate_galore(diffs)
+    return [("(a) seed spread and lr grids", ok_a, notes_a), ("(b) GaLore vs tuned full-rank", ok_b, [note_b])]
 
 
 def _mean_curve(sel: list) -> list:
@@ -121,7 +139,8 @@ def _mean_curve(sel: list) -> list:
 
 def crossing(summary: list) -> str:
     """Where the order of the methods' mean validation losses last changed, from eval to eval, counting only
-    pairs whose final perplexities differ beyond the seed spread (tied pairs may swap for ever)."""
+    pairs whose final losses differ beyond the seed spread (the paired 95% interval of their difference
+    excludes 0; tied pairs may swap for ever; with one seed every pair counts)."""
     done = [s for s in summary if s.get("curve")]
     curves = {s["method"]: {t: mean for t, mean, _ in s["curve"]} for s in done}
     if len(curves) < 2:
@@ -130,9 +149,8 @@ def crossing(summary: list) -> str:
     tied, last = [], 0
     for i, a in enumerate(done):
         for b in done[i + 1:]:
-            # tied: within the spread both ways round (a t interval on ratios is not symmetric);
-            # one seed (spread unknown) counts every pair
-            if all(spread_verdict(_paired(x, y)).startswith("within") for x, y in ((a, b), (b, a))):
+            ci = stats.interval(paired_diffs(a, b))
+            if ci is not None and ci["lo"] <= 0 <= ci["hi"]:
                 tied.append(f"{a['method']}/{b['method']}")
                 continue
             ca, cb = curves[a["method"]], curves[b["method"]]
@@ -159,106 +177,130 @@ def _pm(pair, fmt=".2f") -> str:
     return f"{mean:{fmt}}" + ("" if math.isnan(std) else f" ± {std:{fmt}}")
 
 
-def _goals(summary: list) -> list[str]:
-    """Issue 12's goals for every compressing method, from the measured bytes and the paired ratios."""
-    out = []
+def _point(s: dict) -> str:
+    lr, scale = s["best"]
+    return f"{lr:.4g}" + ("" if scale is None else f" × {scale:g}") + (" (edge)" if s.get("edges") else "")
+
+
+def gate_lines(gate_results: list) -> tuple[bool, list[str]]:
+    """(all passed, the lines results.md opens with)."""
+    passed = all(ok for _, ok, _ in gate_results)
+    lines = (["**Gates passed**: verdicts are drawn below.", ""] if passed else
+             ["**A gate FAILED: no verdict is drawn.** The comparison below is not evidence about the methods "
+              "until the failing gate passes (see the notes).", ""])
+    for name, ok, notes in gate_results:
+        lines.append(f"- gate {name}: {'passed' if ok else '**FAILED**'}")
+        lines += [f"  - {n}" for n in notes]
+    return passed, lines + [""]
+
+
+def _verdict_cells(s: dict, passed: bool) -> tuple[str, str]:
+    if "verdict" not in s:
+        return "control" if s.get("losses") else "–", "–"
+    report = s["verdict"][1] if passed else ("withheld: " + stats.ratio_text(s["ci"]) if s.get("ci") else "withheld")
+    held = s.get("heldout_verdict")
+    held = "–" if held is None else held[1] if passed else "withheld"
+    return report, held
+
+
+def result_lines(summary: list, passed: bool, seeds: list) -> list[str]:
+    """The per-method table (each method against its control) and every reported seed's final loss."""
+    lines = ["| method | lr (× matrix lr scale) | ppl, report slice (mean ± std) | control | vs control, report "
+             "slice | vs control, c4-heldout | saved / full-rank | optimizer state MiB | step time / full-rank |",
+             "|---|---:|---:|---|---|---|---:|---:|---:|"]
     for s in summary:
-        if not ("ratio" in s or "same_recipe" in s) or s.get("saved_ratio") is None or s["saved_ratio"] >= 1:
+        if not s.get("losses"):
+            lines.append(f"| {s['label']} | – | no reported run finished | | | | | | |")
             continue
-        memopts = s["method"].endswith("memopts")
-        limit = 0.50 if memopts else 0.85
-        # a method with its own lr recipe is judged against full-rank trained with that recipe
-        paired = s.get("same_recipe") or s
-        against = f" to {paired['label']}" if paired is not s else ""
-        mem_ok, ppl_ok = s["saved_ratio"] <= limit, paired["ratio"][0] <= 1.01
-        verdict = "met" if mem_ok and ppl_ok else "**missed**"
-        out.append(f"- {s['label']}: saved bytes {s['saved_ratio']:.3f} (goal ≤ {limit:.2f}{' with memory options' if memopts else ''}), "
-                   f"ppl ratio{against} {_pm(paired['ratio'], '.3f')} (goal ≤ 1.01; "
-                   f"{spread_verdict(paired['ratios'], 1.01)}) — {verdict}.")
-    return out or ["- No compressing method completed with a full-rank run to pair it with."]
+        report, held = _verdict_cells(s, passed)
+        lines.append(f"| {s['label']} | {_point(s)} | {_pm(s['ppl'])} | {s.get('control', '–')} | {report} | {held} "
+                     f"| {s.get('saved_ratio', math.nan):.3f} | {(s.get('optim_state_bytes') or 0) / MIB:.2f} | "
+                     f"{s.get('step_time_ratio', math.nan):.3f} |")
+    lines += ["", "Final validation loss (nats) of every reported run, report slice (c4-heldout in brackets):", "",
+              "| method | " + " | ".join(f"seed {k}" for k in seeds) + " | mean ± std |",
+              "|---|" + "---:|" * (len(seeds) + 1)]
+    for s in summary:
+        if not s.get("selected"):
+            continue
+        cells = []
+        for k in seeds:
+            loss, held = s.get("losses", {}).get(k), s.get("heldout", {}).get(k)
+            cells.append("–" if loss is None else f"{loss:.4f}" + ("" if held is None else f" [{held:.4f}]"))
+        vals = list(s.get("losses", {}).values())
+        lines.append(f"| {s['method']} | " + " | ".join(cells) + f" | {_pm(_mean_std(vals), '.4f') if vals else '–'} |")
+    return lines + [""]
+
+
+def sweep_lines(summary: list, n_tune: int) -> list[str]:
+    """The mean tuning loss of every point each method tried."""
+    lines = [f"Tuning (mean final loss over the {n_tune} tuning seed(s), tuning slice; `diverged`/`failed` where a "
+             f"seed did not finish; the chosen point in bold):", ""]
+    for s in summary:
+        if not s["means"]:
+            continue
+        cells = [(f"**{lr:.4g}" + ("" if sc is None else f" × {sc:g}") + f": {v:.4f}**" if (lr, sc) == s.get("best")
+                  else f"{lr:.4g}" + ("" if sc is None else f" × {sc:g}") + ": " + (f"{v:.4f}" if math.isfinite(v)
+                                                                                  else "diverged/failed"))
+                 for (lr, sc), v in sorted(s["means"].items(), key=lambda x: (x[0][1] or 0, x[0][0]))]
+        lines.append(f"- {s['method']}: " + ", ".join(cells))
+    return lines + [""]
+
+
+def _setup_line(facts: dict) -> str:
+    base, m = facts["base"], facts["base"].model
+    return (f"Model: hidden {m.hidden_size}, intermediate {m.intermediate_size}, {m.num_hidden_layers} layers, "
+            f"{m.num_attention_heads} heads, vocab {m.vocab_size}. Data: `{base.data.source}`"
+            + (f" (`{base.data.path}`)" if base.data.path else "") + f", tokenizer `{base.data.tokenizer}`, "
+            f"packing `{base.data.packing}`, sequence {base.data.seq_len}, min lr ratio {base.optim.min_lr_ratio:g}, "
+            f"{'bf16' if base.deepspeed.get('bf16', {}).get('enabled') else 'fp32'}. GaLore: rank "
+            f"{facts['galore_rank']}, update_proj_gap {facts['galore_gap']}, scale 0.25 (one lr, the projected "
+            f"matrices' updates scaled by 0.25), ZeRO 0. VeLoRA: rank {base.velora.rank}, sub_token_size "
+            f"{base.velora.sub_token_size or 'paper grouping'}"
+            + (f", overrides {base.velora.sub_token_overrides}" if base.velora.sub_token_overrides else "")
+            + f", init {base.velora.init}.")
+
+
+def _protocol_line(facts: dict) -> str:
+    val = facts["base"].data.val_tokens
+    tune = facts.get("tune_seeds") or []
+    chosen = (f"Each method's lr{' (and full-rank’s matrix_lr_scale)' if facts.get('scales') else ''} is chosen by "
+              f"the lowest mean final loss of tuning seed(s) {', '.join(map(str, tune))} on the tuning slice (the "
+              f"first {val:,} validation tokens); those runs are never reported. " if tune else
+              "The lr was not swept (nothing shows it is tuned). ")
+    where = f"the report slice (the next {val:,} validation tokens)" if tune else f"the first {val:,} validation tokens"
+    return (chosen + f"Reported: seeds {', '.join(map(str, facts['seeds']))} (initial weights, data order and codec "
+            f"noise) at the chosen point, scored on {where} and, "
+            f"scoring only, on ../shared/c4-heldout where present. A method is judged against its control by the "
+            f"per-seed differences of final loss (the log of the perplexity ratio) with a 95% t interval "
+            f"(df = seeds − 1): *no measurable cost* when its upper bound is ≤ ln 1.01, *costs X* when its lower "
+            f"bound is > 0, *inconclusive* otherwise. Memory columns are exact tensor bytes measured in the driver.")
 
 
 def write_markdown(rows: list[dict], summary: list, facts: dict, path: Path) -> None:
-    base, m = facts["base"], facts["base"].model
+    """results.md: the gates first (and no verdict when one fails), the regime, then the results."""
     gpu = any("cuda_max_allocated" in r for r in rows)
-    seeds = facts["seeds"]
-    lines = [
-        f"### {Path(facts['config']).name}, preset `{facts['preset']}`: {facts['tokens']:,} tokens per run, "
-        f"{len(seeds)} seed(s){', lr swept' if facts['lr_sweep'] else ''}",
-        "",
-        f"Measured {datetime.date.today().isoformat()} on {platform.machine()} ({'GPU' if gpu else 'CPU'}), with:",
-        "",
-        f"`{facts['command']}`",
-        "",
-        f"Model: hidden {m.hidden_size}, intermediate {m.intermediate_size}, {m.num_hidden_layers} layers, "
-        f"{m.num_attention_heads} heads, vocab {m.vocab_size}. Data: `{base.data.source}`"
-        + (f" (`{base.data.path}`)" if base.data.path else "") + f", tokenizer `{base.data.tokenizer}`, "
-        f"packing `{base.data.packing}`, sequence {base.data.seq_len}, {facts['steps']} steps × "
-        f"{facts['tokens_per_step']:,} tokens, seeds {', '.join(map(str, seeds))} (initial weights, data order and "
-        f"codec noise), {base.optim.scheduler} schedule (warmup {base.optim.warmup_ratio:g}, min lr ratio "
-        f"{base.optim.min_lr_ratio:g}), {'bf16' if base.deepspeed.get('bf16', {}).get('enabled') else 'fp32'}. "
-        f"GaLore: rank {facts['galore_rank']}, update_proj_gap {facts['galore_gap']}, scale 0.25 (its recipe's two "
-        f"parameter groups: one lr, the projected matrices' updates scaled by 0.25), ZeRO 0. VeLoRA: rank "
-        f"{base.velora.rank}, sub_token_size {base.velora.sub_token_size or 'paper grouping'}"
-        + (f", overrides {base.velora.sub_token_overrides}" if base.velora.sub_token_overrides else "")
-        + f", init {base.velora.init}. Validation: the fixed slice of `data.val_tokens` = {base.data.val_tokens:,} "
-        f"tokens; `ppl` is token-weighted.",
-        "",
-        "Per method, the lr with the lowest mean final validation loss over the seeds; ppl is mean ± std over "
-        "the seeds at that lr; the ratio to full-rank is paired by seed (same initial weights and batches) and "
-        "judged with a 95% paired t interval. Memory columns are exact tensor bytes measured in the driver "
-        "(saved for backward per micro-batch with `velora.memory`; the optimizer's state after one real step). "
-        + ("" if gpu else "Step times come from runs sharing a CPU and are not the step-time figure "
-           "(`scripts/bench_velora.py time` interleaves the variants in one process)."),
-        "",
-        "| method | best lr | ppl | ppl / full-rank | vs full-rank | saved MiB / micro-batch | saved / full-rank | "
-        "optimizer state MiB | step time / full-rank |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|",
-    ]
-    for s in summary:
-        if "best_lr" not in s:
-            lines.append(f"| {s['label']} | – | no lr completed every seed | | | | | | |")
-            continue
-        edge = " (edge)" if s["edge"] else ""
-        lines.append(
-            f"| {s['label']} | {s['best_lr']:.4g}{edge} | {_pm(s['ppl'])} | "
-            f"{_pm(s['ratio'], '.3f') if 'ratio' in s else '–'} | {s.get('verdict') or '–'} | "
-            f"{(s.get('saved_bytes_micro') or 0) / MIB:.2f} | {s.get('saved_ratio', math.nan):.3f} | "
-            f"{(s.get('optim_state_bytes') or 0) / MIB:.2f} | {s.get('step_time_ratio', math.nan):.3f} |")
-    same = [s for s in summary if "same_recipe" in s]
-    if same:
-        lines += ["", "Paired by seed against full-rank trained with the same lr recipe:", ""] + [
-            f"- {s['label']} / {s['same_recipe']['label']}: {_pm(s['same_recipe']['ratio'], '.3f')}, "
-            f"{s['same_recipe']['verdict']}" for s in same]
-    lines += ["", f"Curves: {crossing(summary)}.", ""]
+    passed, gate_text = gate_lines(gates(summary, facts.get("references")))
+    lines = [f"### {Path(facts['config']).name}, preset `{facts['preset']}`: {facts['tokens']:,} tokens per run, "
+             f"{len(facts['seeds'])} reported seed(s)", ""] + gate_text
+    lines += regime_lines(rows, facts)
+    lines += [f"Measured {datetime.date.today().isoformat()} on {platform.machine()} ({'GPU' if gpu else 'CPU'}), "
+              f"with:", "", f"`{facts['command']}`", "", _setup_line(facts), "", _protocol_line(facts)
+              + ("" if gpu else " Step times come from runs sharing a CPU, not the step-time figure "
+                 "(`scripts/bench_velora.py time` interleaves the variants in one process)."), ""]
+    lines += result_lines(summary, passed, facts["seeds"])
+    lines += [f"Curves: {crossing(summary)}.", ""]
     if facts["lr_sweep"]:
-        part = facts.get("sweep_seeds", seeds)
-        lines += ["Learning-rate sweep (mean validation ppl over the seeds per lr; `diverged` where a seed's loss "
-                  "became non-finite)" + ("" if len(part) == len(seeds) else
-                                          f"; the sweep ran seed(s) {', '.join(map(str, part))} only and the best "
-                                          f"lr then ran at every seed, so other lrs' means cover fewer seeds")
-                  + ":", ""]
-        for s in summary:
-            cells = []
-            for lr in sorted({r["lr"] for r in s["rows"]}):
-                runs = [r for r in s["rows"] if r["lr"] == lr]
-                ok = [r["val_ppl"] for r in runs if r["status"] == "ok"]
-                n = f" ({len(runs)} seed{'s' if len(runs) > 1 else ''})" if len(runs) != len(seeds) else ""
-                cells.append(f"{lr:.4g}: " + (f"{statistics.fmean(ok):.2f}{n}" if len(ok) == len(runs) else
-                                              "diverged" if any(r["status"] == "diverged" for r in runs) else "failed"))
-            lines.append(f"- {s['method']}: " + ", ".join(cells))
-        lines.append("")
-    lines += ["Goals (issue 12):", ""] + _goals(summary)
+        lines += sweep_lines(summary, len(facts.get("tune_seeds") or []))
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
-        lines += ["", "Runs that FAILED (for another reason than a diverged loss):", ""] + [
-            f"- {r['name']}: {r['error']}" for r in failed]
-    lines += ["", "Published validation perplexities (**not ours**: other tokens, tokenizer, data and budget — "
-                  "context only):", "", "| source | method | 60M | 130M | 350M | 1B |", "|---|---|---:|---:|---:|---:|"]
+        lines += ["Runs that FAILED (for another reason than a diverged loss):", ""] + [
+            f"- {r['name']}: {r['error']}" for r in failed] + [""]
+    lines += ["Published validation perplexities (**not ours**: other tokens, tokenizer, data and budget — "
+              "context only):", "", "| source | method | 60M | 130M | 350M | 1B |", "|---|---|---:|---:|---:|---:|"]
     for src, method, vals in PUBLISHED:
         lines.append(f"| {src} (published) | {method} | "
                      + " | ".join(f"{vals[k]:.2f}" if k in vals else "–" for k in ("60m", "130m", "350m", "1b")) + " |")
-    lines += ["", "The best-lr runs' exact commands (every run's command is in results.csv):", ""]
+    lines += ["", "The reported runs' exact commands (every run's command is in results.csv):", ""]
     lines += [f"- {r['name']}: `{r['command']}`" for s in summary for r in s.get("selected", [])]
     path.write_text("\n".join(lines) + "\n")
 
@@ -275,7 +317,7 @@ def write_plot(summary: list, path: Path) -> None:
     cmap = plt.get_cmap("tab20")          # more methods than the default cycle's 10 colours
     for i, s in enumerate(shown):
         color, marker = (f"C{i}" if len(shown) <= 10 else cmap(i % 20)), markers[i % len(markers)]
-        label = f"{s['label']} (lr {s['best_lr']:.3g})"
+        label = f"{s['label']} (lr {_point(s)})"
         t, mean, std = zip(*s["curve"])
         ax1.plot(t, mean, marker=marker, color=color, label=label, ms=4)
         if not math.isnan(std[0]):
@@ -284,14 +326,15 @@ def write_plot(summary: list, path: Path) -> None:
         if s.get("saved_ratio") is not None:
             ax2.errorbar([s["saved_ratio"]], [s["ppl"][0]], yerr=[0 if math.isnan(s["ppl"][1]) else s["ppl"][1]],
                          fmt=marker, color=color, capsize=4, label=label)
-        seed0 = {r["lr"]: r["val_loss"] for r in s["rows"] if r["seed"] == 0 and r["status"] == "ok"}
-        if len(seed0) > 1:
-            lrs = sorted(seed0)
-            ax3.plot(lrs, [math.exp(seed0[lr]) for lr in lrs], marker=marker, color=color, label=s["label"])
+        tuned = {lr: v for (lr, sc), v in s["means"].items() if sc == s["best"][1] and math.isfinite(v)}
+        if len(tuned) > 1:
+            lrs = sorted(tuned)
+            ax3.plot(lrs, [math.exp(tuned[lr]) for lr in lrs], marker=marker, color=color, label=s["label"])
     ax1.set(xlabel="training tokens (steps x batch x sequence)", ylabel="validation loss (mean ± std over seeds)", title="validation loss")
     ax2.set(xlabel="saved-for-backward bytes / full-rank", ylabel="validation perplexity (mean ± std)",
             title="perplexity vs saved activations")
-    ax3.set(xscale="log", xlabel="learning rate", ylabel="validation perplexity, seed 0", title="lr sweep (seed 0)")
+    ax3.set(xscale="log", xlabel="learning rate", ylabel="tuning-slice perplexity (mean over tuning seeds)",
+            title="lr sweep (at the chosen matrix lr scale)")
     for ax in (ax1, ax2, ax3):
         ax.grid(alpha=0.3)
     # one legend for the three panels, below them (inside, it covers the curves)
@@ -303,8 +346,8 @@ def write_plot(summary: list, path: Path) -> None:
 
 def write_reports(rows: list[dict], facts: dict, out: Path) -> list[dict]:
     """results.csv, results.md and plot.png in `out`; returns the per-method summary."""
-    summary = summarize(rows, len(facts["seeds"]), facts.get("references"))
+    summary = summarize(rows, len(facts.get("tune_seeds") or []), facts.get("references"))
+    write_markdown(rows, summary, facts, out / "results.md")       # first: it sets each row's escape_step
     write_csv(rows, out / "results.csv")
-    write_markdown(rows, summary, facts, out / "results.md")
     write_plot(summary, out / "plot.png")
     return summary

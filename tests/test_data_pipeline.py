@@ -164,6 +164,36 @@ def test_validation_slice_is_fixed_and_split_across_ranks(tmp_path):
     assert not set(ranks[0]) & set(ranks[1])
 
 
+def test_val_skip_tokens_gives_the_next_disjoint_slice(tmp_path):
+    """data.val_skip_tokens=N starts the slice at the first row past N tokens: the rows of a slice twice as
+    long, after the first slice's."""
+    make_corpus(tmp_path, [23], val_docs=60)
+    tok = NumTokenizer()
+    first = rows_of(validation_batches(cfg_for(tmp_path, val_tokens=100), tok, 2))
+    both = rows_of(validation_batches(cfg_for(tmp_path, val_tokens=200), tok, 2))
+    second = rows_of(validation_batches(cfg_for(tmp_path, val_tokens=100, val_skip_tokens=100), tok, 2))
+    assert not set(first) & set(second)
+    assert both[:len(first)] == first and second[:len(both) - len(first)] == both[len(first):]
+    from data import DataError
+    with pytest.raises(DataError, match="data.val_skip_tokens=100000 skips the whole validation split"):
+        validation_batches(cfg_for(tmp_path, val_skip_tokens=100_000), tok, 2)
+    with pytest.raises(DataError, match="data.val_skip_tokens: must be >= 0, got -1"):
+        cfg_for(tmp_path, val_skip_tokens=-1)
+
+
+def test_the_whole_file_split_reads_every_document_of_one_file(tmp_path):
+    """split="all": every document of a file held out from training altogether (no 1-in-10 split by hash)."""
+    from conftest import doc_tokens, write_shard
+    docs = [{"text": " ".join(map(str, doc_tokens(d, 5)))} for d in range(30)]
+    write_shard(tmp_path / "heldout.json.gz", docs)
+    cfg = cfg_for(tmp_path / "heldout.json.gz", val_tokens=10 ** 6)
+    rows = [(x, y) for xb, yb in validation_batches(cfg, NumTokenizer(), 4, split="all") for x, y in zip(xb, yb)]
+    assert len(docs_in(rows)) == 30
+    from data import DataError
+    with pytest.raises(DataError, match="whole-file split needs data.source=local and data.path a file"):
+        validation_batches(cfg_for(tmp_path), NumTokenizer(), 4, split="all")
+
+
 def test_validation_smaller_than_val_tokens_uses_all_and_warns(tmp_path, caplog):
     make_corpus(tmp_path, [23], val_docs=3)
     batches = validation_batches(cfg_for(tmp_path, val_tokens=10**6), NumTokenizer(), 4)

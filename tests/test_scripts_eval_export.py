@@ -52,6 +52,24 @@ def test_eval_ppl_json_equals_in_process(setup):
 
 
 @pytest.mark.slow
+def test_eval_ppl_second_slice_and_whole_file(setup):
+    """--skip-tokens scores the slice after the first (data.val_skip_tokens); --split all every document of one
+    file, as the in-process evaluation does."""
+    got = eval_json(setup["final"], setup["corpus"], "--max-tokens", 200, "--skip-tokens", 200, "--batch-size", 4)
+    first = eval_json(setup["final"], setup["corpus"], "--max-tokens", 200, "--batch-size", 4)
+    want = in_process(setup["model"], setup["rc"], setup["corpus"], 4, val_tokens=200, val_skip_tokens=200)
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-6) and got["tokens"] == want["tokens"]
+    assert got["loss"] != first["loss"] and got["config"]["skip_tokens"] == 200
+    whole = eval_json(setup["final"], setup["corpus"], "--split", "all", "--max-tokens", 10 ** 6, "--batch-size", 4)
+    from data import load_tokenizer, validation_batches
+    cfg = dataclasses.replace(setup["rc"].data, source="local", path=str(setup["corpus"]), val_tokens=10 ** 6)
+    want = evaluate(setup["model"], validation_batches(cfg, load_tokenizer(cfg, setup["rc"].model.vocab_size), 4,
+                                                       split="all"))
+    assert whole["loss"] == pytest.approx(want["loss"], rel=1e-6) and whole["tokens"] == want["tokens"]
+    assert whole["tokens"] > 5 * (first["tokens"] + got["tokens"])      # every document, not the 1-in-10 split
+
+
+@pytest.mark.slow
 def test_eval_ppl_text_output(setup):
     r = script("eval_ppl.py", "--checkpoint", setup["final"].parent, "--data", setup["corpus"])
     assert r.returncode == 0, r.stderr

@@ -48,8 +48,12 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog=cli.prog(), description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="final/, a run output directory or a DeepSpeed checkpoint")
     p.add_argument("--data", required=True, help="c4 | builtin | a directory of C4 shards | a .json.gz/.jsonl file")
-    p.add_argument("--split", default="validation", choices=["validation"],
-                   help="the fixed validation slice (data.val_tokens long)")
+    p.add_argument("--split", default="validation", choices=["validation", "all"],
+                   help="validation: the fixed validation slice (data.val_tokens long); all: every document of a "
+                        "--data file held out from training altogether (e.g. ../shared/c4-heldout's), up to "
+                        "--max-tokens")
+    p.add_argument("--skip-tokens", type=int,
+                   help="start the slice after this many tokens (default: the run's data.val_skip_tokens)")
     p.add_argument("--max-tokens", type=int, help="tokens in the validation slice (default: the run's data.val_tokens)")
     p.add_argument("--batch-size", type=int, help="sequences per batch (default: the run's evaluation batch)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the run's data.seq_len)")
@@ -65,6 +69,8 @@ def parse_args(argv):
 
 def evaluate_checkpoint(argv) -> int:
     args = parse_args(argv)
+    if args.skip_tokens is not None and args.skip_tokens < 0:
+        raise DataError(f"--skip-tokens: must be >= 0, got {args.skip_tokens}")
     for name in ("max_tokens", "batch_size", "seq_len"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise DataError(f"--{name.replace('_', '-')}: must be positive, got {getattr(args, name)}")
@@ -80,6 +86,8 @@ def evaluate_checkpoint(argv) -> int:
         model, run_config, tokenizer = load_source(src, device=args.device, trust=args.trust_checkpoint,
                                                    allow_nonfinite=args.allow_nonfinite)
         changes = data_source(args.data)
+        if args.skip_tokens is not None:
+            changes["val_skip_tokens"] = args.skip_tokens
         if args.max_tokens:
             changes["val_tokens"] = args.max_tokens
         if args.seq_len:
@@ -89,11 +97,12 @@ def evaluate_checkpoint(argv) -> int:
             changes["seq_len"] = args.seq_len
         data_cfg = dataclasses.replace(run_config.data, **changes)
         batch_size = args.batch_size or eval_batch_size(run_config)
-        result = evaluate(model, validation_batches(data_cfg, tokenizer, batch_size))
+        result = evaluate(model, validation_batches(data_cfg, tokenizer, batch_size, split=args.split))
 
     used = {"checkpoint": str(src.dir), "format": src.kind, "data": args.data, "split": args.split,
             "source": data_cfg.source, "path": data_cfg.path, "seq_len": data_cfg.seq_len,
-            "packing": data_cfg.packing, "val_tokens": data_cfg.val_tokens, "batch_size": batch_size,
+            "packing": data_cfg.packing, "val_tokens": data_cfg.val_tokens, "skip_tokens": data_cfg.val_skip_tokens,
+            "batch_size": batch_size,
             "device": args.device}
     if args.json:
         print(json.dumps({**result, "config": used}))
