@@ -44,7 +44,7 @@ PROFILED = ("full_rank", "sr2_all")
 TOY = ("model.hidden_size=64", "model.intermediate_size=176", "model.num_attention_heads=4",
        "model.num_hidden_layers=2", "model.vocab_size=256", "model.max_sequence_length=32", "data.seq_len=32")
 # Each section ends by this share of --budget-s (time a section leaves unused goes to the next one).
-SHARES = {"environment": 0.02, "gate": 0.35, "memory": 0.47, "speed": 0.77, "max_batch": 0.92, "profile": 1.0}
+SHARES = {"environment": 0.02, "gate": 0.30, "memory": 0.40, "speed": 0.70, "max_batch": 0.90, "profile": 1.0}
 
 
 def plan(smoke: bool) -> dict:
