@@ -59,50 +59,21 @@ def plan(smoke: bool) -> dict:
             "profile": Size("llama_60m", m60, 16), "rounds": 6, "warmup": 2}
 
 
-def sections(args, sizes: dict, device: torch.device, report: Report) -> dict:
-    """name -> section function (record, budget), in the order they run."""
-    variants, variant_notes = codec_variants(TINY_CONFIG)
-    runs = method_variants(METHODS, variants)
+class GpuCheck:
+    """The sections of one run, in order (the glue; the measuring is in training/gpu_check/)."""
 
-    def environment_section(rec, budget):
-        rec["galore"] = galore_without_8bit() or "galore_torch imports as is"
-        rec["codec_variants"] = "; ".join([", ".join(variants)] + variant_notes)
-        rec.update(environment(device, sizes["speed"][-1].run_config().model))
+    def __init__(self, sizes: dict, device: torch.device, report: Report):
+        self.sizes, self.device, self.report = sizes, device, report
+        self.variants, self.variant_notes = codec_variants(TINY_CONFIG)
 
-    def gate_section(rec, budget):
-        cases = gate.gate_cases(CODECS, variants)
-        gate.run_gate(rec, budget, cases, train_c4.main, TINY_CONFIG, device.type == "cpu", report.save)
+    def sections(self) -> dict:
+        return {"environment": self.environment, "gate": self.gate, "memory": self.memory, "speed": self.speed,
+                "max_batch": self.max_batch, "profile": self.profile}
 
-    def memory_section(rec, budget):
+    def each_method(self, rec: dict, budget: Budget, measure) -> None:
+        """One row per method: `measure(overrides, seconds it may take)` gives its fields; an OOM or an error
+        is recorded in the row, and what is left of the budget is shared among the methods still to run."""
         init_distributed()
-        rec["size"], rec["micro_batch"] = sizes["memory"].name, sizes["memory"].micro_batch
-        for method, sets in METHODS.items():
-            row = {"method": method}
-            rec["rows"].append(row)
-            if budget.spent():
-                row["status"] = "skipped: time budget spent"
-                continue
-            try:
-                row.update(perf.memory_row(sizes["memory"], sets, device), status="ok")
-            except Exception as e:
-                row.update(status="OOM" if perf.is_oom(e) else "error", note=one_line(e))
-            report.save()
-
-    def speed_section(rec, budget):
-        init_distributed()
-        opts = {"rounds": sizes["rounds"], "warmup": sizes["warmup"]}
-        n = len(sizes["speed"])
-        for i, size in enumerate(sizes["speed"]):   # each size gets an equal share of what is left
-            try:
-                share = Budget(time.perf_counter() + budget.left() / (n - i))
-                perf.speed_size(rec, share, device, size, runs, opts, report.save)
-            except Exception as e:                   # e.g. the full-rank engine does not fit
-                rec["rows"].append({"size": size.name, "status": "error", "note": one_line(e)})
-
-    def max_batch_section(rec, budget):
-        init_distributed()
-        size, (limit, granularity) = sizes["max_batch"], sizes["max_batch_limit"]
-        rec.update(size=size.name, start=size.micro_batch, limit=limit, granularity=granularity)
         for i, (method, sets) in enumerate(METHODS.items()):
             row = {"method": method}
             rec["rows"].append(row)
@@ -111,25 +82,55 @@ def sections(args, sizes: dict, device: torch.device, report: Report) -> dict:
                 row["status"] = "skipped: time budget spent"
                 continue
             try:
-                row.update(perf.max_batch_row(size, sets, limit, granularity, share_s, device), status="ok")
+                row.update(measure(sets, share_s), status="ok")
             except Exception as e:
-                row.update(status="error", note=one_line(e))
-            report.save()
+                row.update(status="OOM" if perf.is_oom(e) else "error", note=one_line(e))
+            self.report.save()
 
-    def profile_section(rec, budget):
+    def environment(self, rec: dict, budget: Budget) -> None:
+        rec["galore"] = galore_without_8bit() or "galore_torch imports as is"
+        rec["codec_variants"] = "; ".join([", ".join(self.variants)] + self.variant_notes)
+        rec.update(environment(self.device, self.sizes["speed"][-1].run_config().model))
+
+    def gate(self, rec: dict, budget: Budget) -> None:
+        cases = gate.gate_cases(CODECS, self.variants)
+        gate.run_gate(rec, budget, cases, train_c4.main, TINY_CONFIG, self.device.type == "cpu", self.report.save)
+
+    def memory(self, rec: dict, budget: Budget) -> None:
+        size = self.sizes["memory"]
+        rec.update(size=size.name, micro_batch=size.micro_batch)
+        self.each_method(rec, budget, lambda sets, _: perf.memory_row(size, sets, self.device))
+
+    def speed(self, rec: dict, budget: Budget) -> None:
         init_distributed()
-        rec["size"], rec["micro_batch"] = sizes["profile"].name, sizes["profile"].micro_batch
+        opts = {"rounds": self.sizes["rounds"], "warmup": self.sizes["warmup"]}
+        runs = method_variants(METHODS, self.variants)
+        sizes = self.sizes["speed"]
+        for i, size in enumerate(sizes):            # each size gets an equal share of what is left
+            try:
+                share = Budget(time.perf_counter() + budget.left() / (len(sizes) - i))
+                perf.speed_size(rec, share, self.device, size, runs, opts, self.report.save)
+            except Exception as e:                   # e.g. the full-rank engine does not fit
+                rec["rows"].append({"size": size.name, "status": "error", "note": one_line(e)})
+
+    def max_batch(self, rec: dict, budget: Budget) -> None:
+        size, (limit, granularity) = self.sizes["max_batch"], self.sizes["max_batch_limit"]
+        rec.update(size=size.name, start=size.micro_batch, limit=limit, granularity=granularity)
+        self.each_method(rec, budget, lambda sets, share_s: perf.max_batch_row(size, sets, limit, granularity,
+                                                                               share_s, self.device))
+
+    def profile(self, rec: dict, budget: Budget) -> None:
+        init_distributed()
+        size = self.sizes["profile"]
+        rec.update(size=size.name, micro_batch=size.micro_batch)
         for method in PROFILED:
             if budget.spent():
                 rec[f"{method}_status"] = "skipped: time budget spent"
                 continue
-            rows, kernels = perf.profile_rows(sizes["profile"], METHODS[method], device)
+            rows, kernels = perf.profile_rows(size, METHODS[method], self.device)
             rec["rows"] += [{"method": method, **r} for r in rows]
             rec[f"{method}_gpu_kernels_per_step"] = kernels
-            report.save()
-
-    return {"environment": environment_section, "gate": gate_section, "memory": memory_section,
-            "speed": speed_section, "max_batch": max_batch_section, "profile": profile_section}
+            self.report.save()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -157,12 +158,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device("cpu") if args.smoke else torch.device("cuda", 0)
     out = Path(args.out or os.environ.get("OUT") or ".").absolute()
-    meta = {"smoke": args.smoke, "budget_s": args.budget_s, "command": shlex.join(["scripts/bench_gpu.py", *(argv or sys.argv[1:])]),
+    command = shlex.join(["scripts/bench_gpu.py", *(sys.argv[1:] if argv is None else argv)])
+    meta = {"smoke": args.smoke, "budget_s": args.budget_s, "command": command,
             "device": "CPU" if args.smoke else torch.cuda.get_device_name(0),
             "data": "gate: a synthetic Markov-chain corpus; other sections: random token ids",
             "precision": "DeepSpeed bf16: bf16 weights, fp32 master weights and optimizer state"}
     report = Report(out, meta, args.budget_s)
-    funcs = sections(args, plan(args.smoke), device, report)
+    funcs = GpuCheck(plan(args.smoke), device, report).sections()
     for name in args.sections:
         rec = report.run(name, funcs[name], SHARES[name])
         print(f"[{report.meta['wall_s']:6.1f}s] {name}: {rec['status']} {rec.get('error', '')}", flush=True)

@@ -14,8 +14,9 @@ Not carried: datasets (streaming C4 from the Hub, which the machine cannot reach
 corpus (the check trains on a synthetic one).
 
 .whl/requirements.txt is installed with dependency resolution (what is already there and fits is kept;
-numpy and packaging at any version), .whl/requirements-nodeps.txt without it. The folder is written beside and renamed into place; an existing
-.whl/ is replaced only when this script made it (it holds MANIFEST.txt).
+numpy and packaging at any version), .whl/requirements-nodeps.txt without it. The folder is written
+beside and renamed into place; an existing .whl/ is replaced only when this script made it (it holds
+MANIFEST.txt).
 """
 from __future__ import annotations
 
@@ -105,7 +106,8 @@ def main() -> int:
     print("\n".join(lines))
     if total > LIMIT:
         shutil.rmtree(tmp)
-        sys.exit(f"gpu_wheelhouse.py: error: {total / 2**20:.2f} MiB exceeds the {LIMIT / 2**20:.0f} MiB a lease carries")
+        sys.exit(f"gpu_wheelhouse.py: error: {total / 2**20:.2f} MiB exceeds the {LIMIT / 2**20:.0f} MiB a lease "
+                 f"carries")
     shutil.rmtree(WHEELHOUSE, ignore_errors=True)
     tmp.rename(WHEELHOUSE)
     print(f"wrote {WHEELHOUSE}")

@@ -156,3 +156,19 @@ def test_unknown_section_is_a_one_line_error():
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "--sections: unknown section 'warp'; choose from environment,gate,memory,speed,max_batch,profile" in \
         p.stderr.strip().splitlines()[-1]
+
+
+def test_the_gpu_plan_builds_every_run_config():
+    # Everything the GPU run will load, loaded here: a config error must not first show on the lease.
+    import bench_gpu
+
+    sizes = bench_gpu.plan(smoke=False)
+    variants, _ = codec_variants(bench_gpu.TINY_CONFIG)
+    runs = method_variants(bench_gpu.METHODS, variants)
+    for size in [sizes["memory"], *sizes["speed"], sizes["max_batch"], sizes["profile"]]:
+        for _, _, sets in runs:
+            cfg = size.run_config(sets)
+            assert cfg.bf16 and cfg.deepspeed["train_micro_batch_size_per_gpu"] == size.micro_batch
+            assert cfg.deepspeed["gradient_accumulation_steps"] == 1 and cfg.data.seq_len == 256
+    assert [s.name for s in sizes["speed"]] == ["llama_60m", "llama_350m"] and sizes["max_batch"].name == "llama_350m"
+    assert list(bench_gpu.SHARES) == SECTIONS and list(bench_gpu.SHARES.values()) == sorted(bench_gpu.SHARES.values())

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 # The aten op each SDPA backend runs as (the profiler names the op our attention call dispatched to).
-SDPA_OPS = {"_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)", "_scaled_dot_product_flash_attention": "flash",
+SDPA_OPS = {"_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
+            "_scaled_dot_product_flash_attention": "flash",
             "_scaled_dot_product_efficient_attention": "memory-efficient",
             "_scaled_dot_product_cudnn_attention": "cuDNN", "_scaled_dot_product_fused_attention_overrideable": "fused",
             "_scaled_dot_product_attention_math": "math"}

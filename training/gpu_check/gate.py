@@ -163,7 +163,8 @@ def run_gate(record: dict, budget, cases: list[GateCase], train_main, base_confi
             started = budget.left()
             d = tmp / f"case{i}"
             d.mkdir()
-            run = lambda out, sets, resume=None: train(train_main, base_config, out, sets, d / "log.txt", resume)  # noqa: E731
+            log = d / "log.txt"
+            run = lambda out, sets, resume=None: train(train_main, base_config, out, sets, log, resume)  # noqa: E731
             try:
                 bf16_sets = [*common, *case.sets, "deepspeed.bf16.enabled=true"]
                 bf16 = run(d / "bf16", bf16_sets)

@@ -8,7 +8,8 @@ from training.config import RunConfig, load_config, resolve_batch
 
 from .report import one_line
 
-# Each variant's overrides, in the order they run (the default path first); a variant whose key this code base's config does not know is skipped, named.
+# Each variant's overrides, in the order they run (the default path first); a variant whose key this code
+# base's config does not know is skipped, named.
 CODEC_VARIANTS = {"fused": ("velora.fused=true",), "eager": ("velora.fused=false",)}
 
 
@@ -42,7 +43,8 @@ def method_variants(methods: dict, variants: dict) -> list[tuple[str, str, tuple
 def bench_config(config: str, sets, micro_batch: int, extra=()) -> RunConfig:
     """`config` with `extra` then `sets`, in bf16 (DeepSpeed's: bf16 weights, fp32 master), one process,
     `micro_batch` sequences per step and no gradient accumulation."""
-    cfg = load_config(config, [*extra, *sets, "deepspeed.bf16.enabled=true", f"deepspeed.train_batch_size={micro_batch}",
+    cfg = load_config(config, [*extra, *sets, "deepspeed.bf16.enabled=true",
+                               f"deepspeed.train_batch_size={micro_batch}",
                                f"deepspeed.train_micro_batch_size_per_gpu={micro_batch}"])
     cfg.deepspeed.pop("gradient_accumulation_steps", None)
     g, m, a, _ = resolve_batch(cfg.deepspeed, 1)

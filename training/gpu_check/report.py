@@ -2,8 +2,9 @@
 
 A section is a function `fn(record, budget)` that fills `record` (a dict: scalar fields, and `rows`, a list
 of dicts, one table row each). It checks `budget` (a Budget) between its units of work and skips what no
-longer fits; a SIGALRM GRACE_S after the deadline interrupts a unit that overruns it. Any exception ends only that section: its status, the error line and
-whatever rows it had are kept, and the next section starts.
+longer fits; a SIGALRM GRACE_S after the deadline interrupts a unit that overruns it. Any exception ends
+only that section: its status, the error line and whatever rows it had are kept, and the next section
+starts.
 """
 from __future__ import annotations
 
