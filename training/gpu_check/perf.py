@@ -43,10 +43,10 @@ def build(cfg):
     return build_engine(model, cfg)[0]
 
 
-def drop(engine, device: torch.device) -> None:
-    """Release an engine's memory (its hooks too, where DeepSpeed can remove them)."""
+def drop(engine) -> None:
+    """Remove DeepSpeed's hooks and buffers of an engine; its memory returns once the caller lets go of it
+    (then free())."""
     getattr(engine, "destroy", lambda: None)()
-    free(device)
 
 
 def ids_for(cfg, micro_batch: int, device: torch.device) -> torch.Tensor:
@@ -84,7 +84,8 @@ def memory_row(size: Size, sets, device: torch.device) -> dict:
     step(engine, ids)
     sync(device)
     peak = peak_gib(device)
-    drop(engine, device)
+    drop(engine)
+    engine = None
     model, _ = build_model(cfg)
     cpu = measure_step(model.to(torch.bfloat16), ids.cpu())["saved_total"]
     return {"peak_alloc_gib": peak, "persistent_gib": gib(persistent), "saved_mib": saved / MIB,
@@ -153,10 +154,12 @@ def speed_size(record, budget, device, size: Size, runs, opts: dict, save) -> No
         except Exception as e:
             row.update(status="OOM" if is_oom(e) else "error", note=one_line(e))
         if engine is not None and engine is not base:
-            drop(engine, device)
+            drop(engine)
+        engine = None
+        free(device)
         last = time.perf_counter() - t0
         save()
-    drop(base, device)
+    drop(base)
 
 
 def largest_fitting(probe, start: int, limit: int, granularity: int, budget_s: float) -> dict:
@@ -214,14 +217,16 @@ def max_batch_row(size: Size, sets, limit: int, granularity: int, budget_s: floa
                     return None
                 if not state["dirty"] or attempt:
                     raise
-                drop(state["engine"], device)
+                drop(state["engine"])
+                state["engine"] = None
+                free(device)
                 state["engine"], state["dirty"] = build(cfg), False
         return None
 
     try:
         result = largest_fitting(probe, start, limit, granularity, budget_s)
     finally:
-        drop(state["engine"], device)
+        drop(state.pop("engine"))
     fit = result["largest_fit"]
     result["planned_peak_gib"] = gib(planned_peak(cfg, fit)) if fit else None
     result["probes"] = len(result["probes"])
@@ -244,7 +249,7 @@ def profile_rows(size: Size, sets, device, top: int = 10) -> tuple[list[dict], i
     with profile(activities=activities) as prof:
         step(engine, ids)
         sync(device)
-    drop(engine, device)
+    drop(engine)
     events = prof.key_averages()
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     if not hasattr(events[0], key):
