@@ -172,3 +172,49 @@ def test_the_gpu_plan_builds_every_run_config():
             assert cfg.deepspeed["gradient_accumulation_steps"] == 1 and cfg.data.seq_len == 256
     assert [s.name for s in sizes["speed"]] == ["llama_60m", "llama_350m"] and sizes["max_batch"].name == "llama_350m"
     assert list(bench_gpu.SHARES) == SECTIONS and list(bench_gpu.SHARES.values()) == sorted(bench_gpu.SHARES.values())
+
+
+def test_max_batch_search_rebuilds_an_engine_an_oom_broke(monkeypatch):
+    import torch
+
+    from training.gpu_check import perf
+    from training.gpu_check.methods import Size
+
+    built, broken = [], {"now": False}
+
+    def step(engine, ids):
+        if broken["now"]:                     # the step after an OOM fails: the engine is rebuilt, then steps
+            broken["now"] = False
+            raise RuntimeError("backward called twice")
+        if ids.shape[0] > 37:
+            broken["now"] = True
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(perf, "build", lambda cfg: built.append(cfg) or object())
+    monkeypatch.setattr(perf, "step", step)
+    size = Size("toy", TINY, 4, ("model.vocab_size=256", "data.seq_len=8", "model.max_sequence_length=8"))
+    r = perf.max_batch_row(size, (), limit=4096, granularity=1, budget_s=60, device=torch.device("cpu"))
+    assert (r["largest_fit"], r["first_oom"], r["planned_peak_gib"]) == (37, 38, None)
+    # probes 4 8 16 32 64 (OOM) 48 (OOM) 40 (OOM) 36 38 (OOM) 37: each OOM broke the engine, rebuilt once
+    assert r["probes"] == 10 and len(built) == 1 + 4
+
+
+def test_speed_rows_record_an_oom_and_go_on(monkeypatch):
+    import torch
+
+    from training.gpu_check import perf
+    from training.gpu_check.methods import Size
+
+    def build(cfg):
+        if cfg.velora.codec == "sr2":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return object()
+    monkeypatch.setattr(perf, "build", build)
+    monkeypatch.setattr(perf, "step", lambda engine, ids: None)
+    size = Size("toy", TINY, 2, ("model.vocab_size=256", "data.seq_len=8", "model.max_sequence_length=8"))
+    runs = [("full_rank", "", ()), ("sr2_all", "default", ("velora.targets=all", "velora.codec=sr2")),
+            ("velora_all", "default", ("velora.targets=all",))]
+    rec = {"rows": []}
+    perf.speed_size(rec, report.Budget(time.perf_counter() + 60), torch.device("cpu"), size, runs,
+                    {"rounds": 2, "warmup": 1}, lambda: None)
+    assert [r["status"] for r in rec["rows"]] == ["ok", "OOM", "ok"]
+    assert rec["rows"][1]["note"].startswith("OutOfMemoryError: CUDA out of memory")
