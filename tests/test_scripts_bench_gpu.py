@@ -38,7 +38,8 @@ def test_smoke_runs_every_section_and_writes_every_field(tmp_path):
     assert doc["meta"]["smoke"] and doc["meta"]["wall_s"] < wall
 
     e = sec["environment"]
-    for key in ("device", "python", "torch", "cuda", "cudnn", "deepspeed", "sdpa_backend", "matmul_allow_tf32",
+    for key in ("device", "driver", "capability", "gpu_memory_gib", "python", "torch", "cuda", "cudnn", "deepspeed",
+                "triton", "sdpa_backend", "sdpa_enabled", "matmul_allow_tf32",
                 "cudnn_allow_tf32", "float32_matmul_precision", "galore", "codec_variants"):
         assert key in e, key
     assert e["device"] == "CPU" and e["sdpa_backend"]

@@ -64,7 +64,7 @@ def environment(device: torch.device, model_cfg) -> dict:
     env = {"device": "CPU" if device.type == "cpu" else torch.cuda.get_device_name(device),
            "python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available()
-           else None, "cpu_count": os.cpu_count()}
+           else None, "cpu_count": os.cpu_count(), "driver": None, "capability": None, "gpu_memory_gib": None}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(driver=driver_version(), capability=f"{props.major}.{props.minor}",
