@@ -128,7 +128,7 @@ def markdown(doc: dict) -> str:
     meta = doc["meta"]
     lines = [f"# GPU check ({'smoke, CPU' if meta.get('smoke') else meta.get('device', '?')})", "",
              f"Command: `{meta.get('command', '')}`; wall {meta.get('wall_s')} s of a {meta.get('budget_s')} s budget.",
-             ""]
+             ""] + [f"- {k}: {cell(v)}" for k, v in meta.items() if k not in ("command", "wall_s", "budget_s")] + [""]
     for name, rec in doc["sections"].items():
         lines.append(f"## {name}: {rec['status']} ({rec.get('wall_s', '?')} s of {rec.get('budget_s')} s)")
         if rec.get("error"):
