@@ -219,3 +219,12 @@ def test_speed_rows_record_an_oom_and_go_on(monkeypatch):
                     {"rounds": 2, "warmup": 1}, lambda: None)
     assert [r["status"] for r in rec["rows"]] == ["ok", "OOM", "ok"]
     assert rec["rows"][1]["note"].startswith("OutOfMemoryError: CUDA out of memory")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only refusal")
+def test_no_cuda_without_smoke_is_a_one_line_error():
+    p = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].endswith(
+        "error: no CUDA device: run on a GPU machine, or with --smoke on CPU")

@@ -1,5 +1,7 @@
 """scripts/gpu_wheelhouse.py: what goes into the GPU machine's wheelhouse (no download here: the closure
 and the install lists; the download itself is measured in docs/BENCHMARKS.md, "The GPU check")."""
+import pytest
+
 import gpu_wheelhouse as wh
 
 
@@ -29,3 +31,24 @@ def test_no_deps_packages_name_only_what_they_need(tmp_path, monkeypatch):
     assert req[0].startswith("deepspeed==") and "numpy" in req and "tensorboard==" not in " ".join(req)
     assert [r.split("==")[0] for r in (tmp_path / "requirements-nodeps.txt").read_text().split()] == \
         ["tensorboard", "galore-torch"]
+
+
+def test_a_foreign_wheelhouse_is_left_alone(tmp_path, monkeypatch):
+    (tmp_path / ".whl").mkdir()
+    (tmp_path / ".whl" / "mine.whl").write_text("")
+    monkeypatch.setattr(wh, "WHEELHOUSE", tmp_path / ".whl")
+    with pytest.raises(SystemExit, match="exists and was not made by this script; move it away"):
+        wh.main()
+    assert (tmp_path / ".whl" / "mine.whl").is_file()
+
+
+def test_a_wheelhouse_over_the_limit_is_not_kept(tmp_path, monkeypatch):
+    (tmp_path / ".whl").mkdir()
+    (tmp_path / ".whl" / "MANIFEST.txt").write_text("an earlier one\n")
+    monkeypatch.setattr(wh, "WHEELHOUSE", tmp_path / ".whl")
+    monkeypatch.setattr(wh, "LIMIT", 10)
+    monkeypatch.setattr(wh, "build", lambda tmp, pins: (tmp / "big-1.0-py3-none-any.whl").write_bytes(b"x" * 11))
+    with pytest.raises(SystemExit, match="MiB exceeds the 0 MiB a lease carries"):
+        wh.main()
+    assert (tmp_path / ".whl" / "MANIFEST.txt").read_text() == "an earlier one\n"
+    assert not (tmp_path / ".whl.partial").exists()
