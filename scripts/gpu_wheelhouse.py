@@ -15,7 +15,7 @@ corpus (the check trains on a synthetic one).
 
 .whl/requirements.txt is installed with dependency resolution (what is already there and fits is kept;
 numpy and packaging at any version), .whl/requirements-nodeps.txt without it. The folder is written
-beside and renamed into place; an existing .whl/ is replaced only when this script made it (it holds
+in .cache/ and renamed into place; an existing .whl/ is replaced only when this script made it (it holds
 MANIFEST.txt).
 """
 from __future__ import annotations
@@ -94,9 +94,9 @@ def main() -> int:
     if WHEELHOUSE.exists() and not (WHEELHOUSE / "MANIFEST.txt").is_file():
         sys.exit(f"gpu_wheelhouse.py: error: {WHEELHOUSE} exists and was not made by this script; move it away")
     pins = closure()
-    tmp = WHEELHOUSE.with_name(".whl.partial")
+    tmp = WHEELHOUSE.parent / ".cache" / "whl.partial"     # git-ignored: a device run never carries it
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp.mkdir(parents=True)
     build(tmp, pins)
     wheels = sorted(tmp.glob("*.whl"))
     total = sum(w.stat().st_size for w in tmp.iterdir())

@@ -51,4 +51,4 @@ def test_a_wheelhouse_over_the_limit_is_not_kept(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="MiB exceeds the 0 MiB a lease carries"):
         wh.main()
     assert (tmp_path / ".whl" / "MANIFEST.txt").read_text() == "an earlier one\n"
-    assert not (tmp_path / ".whl.partial").exists()
+    assert not (tmp_path / ".cache" / "whl.partial").exists()
