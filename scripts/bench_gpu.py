@@ -93,7 +93,8 @@ class GpuCheck:
 
     def gate(self, rec: dict, budget: Budget) -> None:
         cases = gate.gate_cases(CODECS, self.variants)
-        gate.run_gate(rec, budget, cases, train_c4.main, TINY_CONFIG, self.device.type == "cpu", self.report.save)
+        gate.run_gate(rec, budget, cases, train_c4.main, TINY_CONFIG, self.device.type == "cpu", self.report.save,
+                      self.report.out)
 
     def memory(self, rec: dict, budget: Budget) -> None:
         size = self.sizes["memory"]

@@ -228,3 +228,24 @@ def test_no_cuda_without_smoke_is_a_one_line_error():
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].endswith(
         "error: no CUDA device: run on a GPU machine, or with --smoke on CPU")
+
+
+def test_a_failing_gate_case_keeps_its_log_and_the_next_one_runs(tmp_path):
+    def fake_train(argv):
+        sets = dict(a.split("=", 1) for a in argv[3::2] if "=" in a)
+        if sets.get("optim.name") == "adafactor":
+            raise RuntimeError("Tensors must be CUDA and dense\nmore")
+        out = Path(sets["train.output_dir"])
+        out.mkdir(parents=True)
+        first = 3 if "--resume" in argv else 1
+        lines = [json.dumps({"kind": "train", "step": s, "loss": 6.0 - 0.1 * s}) for s in range(first, gate.STEPS + 1)]
+        (out / "train_log.jsonl").write_text("\n".join(lines) + "\n")
+        return 0
+    cases = [c for c in gate.gate_cases([], {}) if c.stage == 0]       # adamw, adafactor, galore_adamw
+    rec = {"rows": []}
+    gate.run_gate(rec, report.Budget(time.perf_counter() + 120), cases, fake_train, TINY, True, lambda: None,
+                  tmp_path / "out")
+    assert [r["status"] for r in rec["rows"]] == ["ok", "error", "ok"]
+    assert rec["rows"][1]["note"] == "RuntimeError: Tensors must be CUDA and dense"
+    assert "Traceback" in (tmp_path / "out" / rec["rows"][1]["log"]).read_text()
+    assert (rec["passed"], rec["failed"]) == (2, 1) and "log" not in rec["rows"][0]

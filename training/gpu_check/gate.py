@@ -15,7 +15,9 @@ import contextlib
 import json
 import math
 import random
+import shutil
 import tempfile
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,10 +143,11 @@ def rejected(sets, base: str) -> str | None:
 
 
 def run_gate(record: dict, budget, cases: list[GateCase], train_main, base_config: str, exact_resume: bool,
-             save) -> None:
+             save, log_dir: Path) -> None:
     """Run each case through `train_main` (train_c4.main) on `base_config` (configs/llama_tiny.json) and fill
     record["rows"] with its verdict (`save()` after each); cases that no longer fit in `budget` (judged by
-    the case before, the first one paying for start-up) are skipped with a note."""
+    the case before, the first one paying for start-up) are skipped with a note. The output of a case that
+    did not pass is kept as `log_dir/gate-<n>.log`."""
     with tempfile.TemporaryDirectory(prefix="gpu_gate_") as tmp:
         tmp = Path(tmp)
         shards, tok = synthetic_corpus(tmp / "data")
@@ -179,6 +182,12 @@ def run_gate(record: dict, budget, cases: list[GateCase], train_main, base_confi
                     row["status"] = "FAILED"
             except Exception as e:            # one broken case must not cost the others
                 row.update(status="error", note=one_line(e))
+                with open(log, "a") as f:
+                    traceback.print_exc(file=f)
+            if row["status"] != "ok":
+                log_dir.mkdir(parents=True, exist_ok=True)
+                row["log"] = f"gate-{i:02d}.log"
+                shutil.copyfile(log, log_dir / row["log"])
             last = started - budget.left()
             save()
         record["passed"] = sum(r.get("passed", False) for r in record["rows"])
