@@ -13,6 +13,7 @@ micro-batch per method at llama_350m; a profiler top-10 of one step. bench_gpu.j
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
@@ -107,11 +108,16 @@ class GpuCheck:
         runs = method_variants(METHODS, self.variants)
         sizes = self.sizes["speed"]
         for i, size in enumerate(sizes):            # each size gets an equal share of what is left
-            try:
-                share = Budget(time.perf_counter() + budget.left() / (len(sizes) - i))
-                perf.speed_size(rec, share, self.device, size, runs, opts, self.report.save)
-            except Exception as e:                   # e.g. the full-rank engine does not fit
-                rec["rows"].append({"size": size.name, "status": "error", "note": one_line(e)})
+            share = Budget(time.perf_counter() + budget.left() / (len(sizes) - i))
+            for attempt in (size, dataclasses.replace(size, micro_batch=size.micro_batch // 2)):
+                try:
+                    perf.speed_size(rec, share, self.device, attempt, runs, opts, self.report.save)
+                    break
+                except Exception as e:               # the full-rank engine does not fit: once at half the batch
+                    rec["rows"].append({"size": size.name, "micro_batch": attempt.micro_batch,
+                                        "status": "OOM" if perf.is_oom(e) else "error", "note": one_line(e)})
+                    if not perf.is_oom(e) or attempt.micro_batch < 2:
+                        break
 
     def max_batch(self, rec: dict, budget: Budget) -> None:
         size, (limit, granularity) = self.sizes["max_batch"], self.sizes["max_batch_limit"]

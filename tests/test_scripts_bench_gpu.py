@@ -249,3 +249,23 @@ def test_a_failing_gate_case_keeps_its_log_and_the_next_one_runs(tmp_path):
     assert rec["rows"][1]["note"] == "RuntimeError: Tensors must be CUDA and dense"
     assert "Traceback" in (tmp_path / "out" / rec["rows"][1]["log"]).read_text()
     assert (rec["passed"], rec["failed"]) == (2, 1) and "log" not in rec["rows"][0]
+
+
+def test_speed_retries_a_size_at_half_the_batch_when_full_rank_does_not_fit(tmp_path, monkeypatch):
+    import bench_gpu
+    import torch
+
+    from training.gpu_check import perf
+
+    def speed_size(rec, budget, device, size, runs, opts, save):
+        if size.micro_batch > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        rec["rows"].append({"size": size.name, "micro_batch": size.micro_batch, "status": "ok"})
+    monkeypatch.setattr(perf, "speed_size", speed_size)
+    monkeypatch.setattr(bench_gpu, "init_distributed", lambda: None)
+    sizes = bench_gpu.plan(smoke=True)
+    check = bench_gpu.GpuCheck(sizes, torch.device("cpu"), report.Report(tmp_path, {}, 60))
+    rec = {"rows": []}
+    check.speed(rec, report.Budget(time.perf_counter() + 60))
+    assert [(r["size"], r["micro_batch"], r["status"]) for r in rec["rows"]] == [
+        ("toy", 4, "OOM"), ("toy", 2, "ok"), ("toy-b2", 2, "ok")]
