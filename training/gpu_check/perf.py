@@ -234,8 +234,8 @@ def max_batch_row(size: Size, sets, limit: int, granularity: int, budget_s: floa
 
 
 def profile_rows(size: Size, sets, device, top: int = 10) -> tuple[list[dict], int | None]:
-    """The `top` ops of one steady-state step by self time on the device (CPU time on a CPU), and the
-    number of GPU kernels the step launched (None on CPU)."""
+    """The `top` GPU kernels of one steady-state step by time (aten ops by self CPU time on a CPU), their
+    share of the step's total, and the number of GPU kernels the step launched (None on CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     cfg = size.run_config(sets)
@@ -250,14 +250,15 @@ def profile_rows(size: Size, sets, device, top: int = 10) -> tuple[list[dict], i
         step(engine, ids)
         sync(device)
     drop(engine)
-    events = prof.key_averages()
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    if not hasattr(events[0], key):
-        key = "self_cuda_time_total"
+    events = list(prof.key_averages())
+    if device.type == "cuda":   # the kernels themselves (their launching aten ops would count them twice)
+        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    else:
+        key = "self_cpu_time_total"
     ranked = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]
     total = sum(getattr(e, key) for e in events) or 1.0
     rows = [{"op": e.key[:80], "calls": e.count, "self_ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total}
             for e in ranked]
-    kernels = (sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-               if device.type == "cuda" else None)
+    kernels = sum(e.count for e in events) if device.type == "cuda" else None
     return rows, kernels
