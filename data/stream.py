@@ -5,7 +5,8 @@ A chunk is read, its documents are shuffled (seeded by seed, epoch, shard and ch
 packed on its own (data/packing.py), so the rows of a chunk do not depend on who reads it.
 
 Sharding. There are N = world_size x max(workers, 1) readers (workers: `data.num_workers` resolved, see
-DataConfig.loader); reader r*K + w is rank r's worker w. Each epoch visits the shards in an order shuffled with seed + epoch.
+DataConfig.loader); reader r*K + w is rank r's worker w. Each epoch visits the shards in an order
+shuffled with seed + epoch.
 - Shard level, when the shards split evenly, or there are >= 64 per reader, or they are the Hub's
   (C4: 1024 train shards) and there are at least N: reader i reads the shards at positions
   p = i mod N and never opens the others.

@@ -133,7 +133,8 @@ def main(argv=None) -> int:
     p.add_argument("--train-reps", type=int, default=3)
     p.add_argument("--per-core", action="store_true", help="one-thread pipeline rate against one GPU's consumption")
     p.add_argument("--mfu", type=float, default=0.4, help="with --per-core: the assumed model FLOPs utilisation")
-    p.add_argument("--chunks", type=int, default=4, help="with --per-core: chunks (data.shuffle_buffer documents) timed")
+    p.add_argument("--chunks", type=int, default=4,
+                   help="with --per-core: chunks (data.shuffle_buffer documents each) timed")
     p.add_argument("--gpu", default="H100", choices=[key for key, *_ in PEAK_TFLOPS])
     args = p.parse_args(argv)
     if args.per_core:

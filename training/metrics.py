@@ -156,7 +156,8 @@ class Metrics:
         if velora_bytes is not None:
             scalars["mem/velora_stored_bytes"] = velora_bytes
         if self.peak:
-            scalars["perf/mfu"] = step_positions * self.flops_per_token / (max(step_time, 1e-9) * self.peak * self.world)
+            flops = step_positions * self.flops_per_token
+            scalars["perf/mfu"] = flops / (max(step_time, 1e-9) * self.peak * self.world)
         for k, v in scalars.items():
             self.tb.add_scalar(k, v, step)
         self.bar.update(step - self.bar.n)

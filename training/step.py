@@ -41,8 +41,8 @@ class OptimizerStep:
         """Run optimizer step number `step` (1-based). Returns (mean loss over all ranks and
         micro-batches, predicted tokens and processed (non-padding) positions this step over all ranks,
         gradient norm or None, the learning rate this step used). A non-finite loss raises NonFiniteLoss
-        before the weights are updated. The loss is summed on the device: the one host sync of a step is
-        the reduction that checks it, none per micro-batch."""
+        before the weights are updated. No host sync per micro-batch: the loss is summed on the device
+        and read once, by the reduction that checks it; batches are copied without waiting (pinned on a GPU)."""
         engine, device = self.engine, self.dist.device
         loss_sum, tokens, positions, grad_norm = 0.0, 0, 0, None
         lr = float(engine.get_lr()[0])

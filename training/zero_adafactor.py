@@ -46,20 +46,22 @@ class ZeroAdafactor(PartitionOptimizer):
             update_sq[piece.index] = torch.linalg.vector_norm(update).square()
         all_reduce_(update_sq, layout.group)
         for piece, state, update in zip(layout.pieces, states, updates):
+            # torch's Adafactor reads these norms with .item(); kept on the device (in float64, as Python
+            # would compute them) they cost no host sync per parameter, and addcmul_ rounds as add_(alpha=) does
             n, step = math.prod(piece.shape), state["step"].item()
-            alpha = max(eps2, stats[slots[piece.index]].sqrt().item() / n ** 0.5) * min(lr, 1 / step ** 0.5)
-            denom = max(1.0, update_sq[piece.index].sqrt().item() / (n ** 0.5 * group["d"]))
+            alpha = (stats[slots[piece.index]].sqrt().double() / n ** 0.5).clamp(min=eps2) * min(lr, 1 / step ** 0.5)
+            denom = (update_sq[piece.index].sqrt().double() / (n ** 0.5 * group["d"])).clamp(min=1.0)
             param = piece.of(flat)
             if group["weight_decay"] != 0:
                 param.mul_(1 - lr * group["weight_decay"])
-            param.add_(update, alpha=-alpha / denom)
+            param.addcmul_(update, (-alpha / denom).to(flat.dtype))
 
     def _state(self, piece: Piece, flat: torch.Tensor) -> dict:
         state = self.state[piece.key]
         if not state:
             if len(piece.shape) not in (1, 2):
                 raise ValueError(f"{piece.name}: ZeroAdafactor supports 1-D and 2-D parameters, got {piece.shape}")
-            state["step"] = torch.tensor(0.0, device="cpu")     # a host scalar, as in torch's Adafactor: no sync to read
+            state["step"] = torch.tensor(0.0, device="cpu")     # on the host, as in torch's Adafactor: read freely
             if len(piece.shape) == 2:
                 rows, cols = piece.shape
                 state["row_var"] = flat.new_zeros(rows, 1)
