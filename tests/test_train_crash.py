@@ -300,7 +300,8 @@ def test_a_peer_that_hangs_or_dies_ends_the_other_rank_within_the_timeout_naming
     out, marker, timeout_s = tmp_path / "run", tmp_path / "paused", 20
     sets = [*TINY, *EVERY, "train.save_every=2", f"train.collective_timeout_s={timeout_s}", f"train.max_steps={STEPS}",
             f"train.output_dir={out}"]
-    cmd = [sys.executable, "train_c4.py", "--config", "configs/llama_tiny.json", *[a for s in sets for a in ("--set", s)]]
+    cmd = [sys.executable, "train_c4.py", "--config", "configs/llama_tiny.json",
+           *[a for s in sets for a in ("--set", s)]]
     common = env() | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     ranks = [subprocess.Popen(cmd, cwd=REPO, env=common | {"RANK": str(r), "LOCAL_RANK": str(r)} | (
         {"VELORA_TEST_PAUSE_AT": "step:3", "VELORA_TEST_PAUSE_MARKER": str(marker)} if r else {}),

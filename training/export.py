@@ -24,9 +24,9 @@ from safetensors.torch import save_file
 from model import LlamaConfig, LlamaForCausalLM
 from training.errors import CheckpointError
 from training.files import fsync_dir, make_dirs, remove_empty_dirs
-from training.outputs import FileLock
 from training.hf_files import GENERATION_CONFIG, HF_TOKENIZER_FILES, write_hf_files
 from training.layout import HF_CONFIG, RUN_CONFIG, TOKENIZER, WEIGHTS
+from training.outputs import FileLock
 from velora import strip_state_dict
 
 
