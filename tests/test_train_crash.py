@@ -253,6 +253,16 @@ def test_failed_save_removes_its_temporary_directory(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_5"]
 
 
+def test_a_peer_that_dies_during_a_save_is_not_blamed_on_the_disk(tmp_path):
+    class PeerGone(FailingEngine):
+        def save_checkpoint(self, save_dir, tag, **kw):
+            raise RuntimeError("[/x/gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer")
+    root = tmp_path / "checkpoints"
+    with pytest.raises(RuntimeError, match="Connection reset by peer") as e:
+        save_checkpoint(PeerGone(), root, 10, {}, rank=1, run_config=None, tokenizer_path=None, keep_last=2)
+    assert not isinstance(e.value, CheckpointError)     # the run turns it into the peer-failure line
+
+
 def test_resumed_log_drops_records_past_the_restored_step_and_a_cut_line(tmp_path):
     log = tmp_path / "train_log.jsonl"
     lines = [json.dumps({"kind": "train", "step": s}) for s in (1, 2, 3, 4)]
@@ -292,7 +302,8 @@ def test_a_peer_that_hangs_or_dies_ends_the_other_rank_within_the_timeout_naming
     out, marker, timeout_s = tmp_path / "run", tmp_path / "paused", 20
     sets = [*TINY, *EVERY, "train.save_every=2", f"train.collective_timeout_s={timeout_s}", f"train.max_steps={STEPS}",
             f"train.output_dir={out}"]
-    cmd = [sys.executable, "train_c4.py", "--config", "configs/llama_tiny.json", *[a for s in sets for a in ("--set", s)]]
+    cmd = [sys.executable, "train_c4.py", "--config", "configs/llama_tiny.json",
+           *[a for s in sets for a in ("--set", s)]]
     common = env() | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     ranks = [subprocess.Popen(cmd, cwd=REPO, env=common | {"RANK": str(r), "LOCAL_RANK": str(r)} | (
         {"VELORA_TEST_PAUSE_AT": "step:3", "VELORA_TEST_PAUSE_MARKER": str(marker)} if r else {}),

@@ -220,6 +220,11 @@ def test_waiting_on_a_stale_build_lock_names_the_file(tmp_path, monkeypatch, cap
 
 # --- requeued jobs, damaged state, a disk that fills between saves ---
 
+def test_stop_at_below_one_is_refused(tmp_path):
+    assert_one_line_error(cli(tmp_path / "run", args=["--stop-at", "0"]), "--stop-at 0: expected a step >= 1")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_stop_at_is_honoured_on_resume_too(tmp_path):
     out = tmp_path / "run"

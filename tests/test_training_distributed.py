@@ -22,7 +22,8 @@ from training.errors import RunError
     ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "29500"}, "MASTER_ADDR is not"),
     ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"},
      "LOCAL_RANK=1 is larger than RANK=0"),
-    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "70000"}, "MASTER_PORT=70000 is not a TCP port"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "70000"},
+     "MASTER_PORT=70000 is not a TCP port"),
 ])
 def test_an_impossible_launcher_environment_is_one_line_naming_the_fix(monkeypatch, given, fragment):
     for name in LAUNCHER_VARS:

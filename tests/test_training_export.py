@@ -113,7 +113,8 @@ def test_a_failed_replace_puts_the_earlier_export_back(setup, tmp_path, monkeypa
     monkeypatch.setattr(export.os, "replace", replace)
     with pytest.raises(CheckpointError, match=r"failed \(Input/output error\); nothing was left behind; "):
         save_final(setup["model"], setup["rc"], setup["tok"], out, overwrite=True)
-    assert (out / "model.safetensors").read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
 
 
 def test_exports_to_one_out_are_serialised_and_never_claim_anothers_result(setup, tmp_path, monkeypatch):

@@ -36,6 +36,7 @@ import torch
 
 from . import scratch
 from .collectives import barrier
+from .crash import is_peer_failure
 from .errors import CheckpointError
 from .files import atomic_write_text, fsync_dir
 from .health import read_healthy
@@ -115,6 +116,8 @@ def save_checkpoint(engine, ckpt_root: Path, step: int, rank_state: dict, *, ran
         barrier()
     # torch.save reports a failed write (e.g. a full disk) as RuntimeError, Python file calls as OSError
     except (OSError, RuntimeError) as e:
+        if is_peer_failure(e):       # a peer died in the save's barrier: the disk is not to blame
+            raise
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             scratch.drop(tmp)

@@ -25,10 +25,10 @@ from training.collectives import rank
 from training.errors import CheckpointError
 from training.files import fsync_dir, make_dirs, remove_empty_dirs
 from training.health import check_finite
-from training.outputs import FileLock
 from training.hf_files import GENERATION_CONFIG, HF_TOKENIZER_FILES, write_hf_files
 from training.integrity import MANIFEST, write_manifest
 from training.layout import HF_CONFIG, RUN_CONFIG, TOKENIZER, WEIGHTS
+from training.outputs import FileLock
 from velora import strip_state_dict
 
 

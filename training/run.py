@@ -39,6 +39,8 @@ class TrainingRun:
 
     def __init__(self, cfg: RunConfig, resume: str | None = None, stop_at: int | None = None,
                  local_rank: int | None = None, trust_checkpoint: bool = False):
+        if stop_at is not None and stop_at < 1:
+            raise ConfigError(f"--stop-at {stop_at}: expected a step >= 1")
         self.cfg, self.stop_at, self.local_rank = cfg, stop_at, local_rank
         self.dir = RunDir(Path(cfg.train.output_dir))
         check_output_dir(cfg.train.output_dir, resume)
@@ -281,8 +283,9 @@ class TrainingRun:
                         result = self._evaluate()
                     except NonFiniteLoss:
                         raise                # diverged: nothing to save
-                    except Exception:
-                        self.save()          # an evaluation that fails must not cost the steps since the last save
+                    except Exception as e:
+                        if not is_peer_failure(e):   # (then the save's barrier would wait for the dead peer again)
+                            self.save()      # an evaluation that fails must not cost the steps since the last save
                         raise
                 stopping = self.step == self.stop_at or step_fn.stop_requested
                 if self.step % cfg.train.save_every == 0 or last or stopping:
