@@ -47,9 +47,12 @@ def local_state_tensors(module: torch.nn.Module, optimizer) -> list[torch.Tensor
     seen: set = set()
     params = [getattr(p, "ds_tensor", p) for p in module.parameters()]
     found = _tensors(params, seen) + _tensors(list(module.buffers()), seen)
-    if optimizer is not None:
+    walked = set()
+    while optimizer is not None and id(optimizer) not in walked:   # DeepSpeed's wrappers hold the optimizer
+        walked.add(id(optimizer))
         found += _tensors([g.get("params", []) for g in getattr(optimizer, "param_groups", [])], seen)
         found += _tensors(list(getattr(optimizer, "state", {}).values()), seen)
+        optimizer = getattr(optimizer, "optimizer", None)
     return found
 
 
