@@ -22,9 +22,7 @@ import torch
 
 from .distributed import all_reduce_sum
 from .files import atomic_write_text, fsync_dir
-from .layout import HEALTHY, LATEST
-
-DIVERGED_SUFFIX = ".diverged"
+from .layout import DIVERGED_SUFFIX, HEALTHY, LATEST
 
 
 def _tensors(obj, seen: set) -> list[torch.Tensor]:
