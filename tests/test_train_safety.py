@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, assert_one_line_error, env, losses, train
+from training.integrity import write_manifest
 
 SMALL = ["deepspeed.train_batch_size=4", "deepspeed.train_micro_batch_size_per_gpu=4", "train.eval_every=2",
          "train.save_every=2", "train.log_every=1"]
@@ -172,6 +173,7 @@ def test_a_planted_pickle_is_refused_everywhere_and_nothing_runs(finished, tmp_p
     state = torch.load(f, weights_only=False)
     state["innocent"] = Planted(marker)
     torch.save(state, f)
+    write_manifest(f.parent)      # a deliberate plant comes with a matching manifest: the allow-list is the guard
     msg = "holds the global posix.system, which is not in the allow-list"
     assert_one_line_error(cli(run, steps=6, args=["--resume", "auto"]), msg)
     one_line(script("eval_ppl.py", "--checkpoint", run, "--data", "builtin"), "eval_ppl.py", msg)

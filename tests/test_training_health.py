@@ -15,14 +15,14 @@ def test_nonfinite_tensors_sees_weights_buffers_and_optimizer_state():
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.randn(3, 4)).sum().backward()
     opt.step()
-    assert nonfinite_tensors(model, opt, CPU) == 0
+    assert nonfinite_tensors(model, opt) == 0
     opt.state[model[0].weight]["exp_avg_sq"][0, 0] = float("inf")       # optimizer state only
-    assert nonfinite_tensors(model, opt, CPU) == 1
+    assert nonfinite_tensors(model, opt) == 1
     model[1].running_var[0] = float("nan")                              # a buffer too
     with torch.no_grad():
         model[0].bias[1] = float("-inf")
-    assert nonfinite_tensors(model, opt, CPU) == 3
-    assert nonfinite_tensors(model, None, CPU) == 2
+    assert nonfinite_tensors(model, opt) == 3
+    assert nonfinite_tensors(model, None) == 2
 
 
 def test_prune_never_deletes_the_newest_healthy_checkpoint(tmp_path):

@@ -20,11 +20,9 @@ from pathlib import Path
 
 import torch
 
-from .distributed import all_reduce_sum
+from .collectives import all_reduce_values
 from .files import atomic_write_text, fsync_dir
-from .layout import HEALTHY, LATEST
-
-DIVERGED_SUFFIX = ".diverged"
+from .layout import DIVERGED_SUFFIX, HEALTHY, LATEST
 
 
 def _tensors(obj, seen: set) -> list[torch.Tensor]:
@@ -47,18 +45,21 @@ def local_state_tensors(module: torch.nn.Module, optimizer) -> list[torch.Tensor
     seen: set = set()
     params = [getattr(p, "ds_tensor", p) for p in module.parameters()]
     found = _tensors(params, seen) + _tensors(list(module.buffers()), seen)
-    if optimizer is not None:
+    walked = set()
+    while optimizer is not None and id(optimizer) not in walked:   # DeepSpeed's wrappers hold the optimizer
+        walked.add(id(optimizer))
         found += _tensors([g.get("params", []) for g in getattr(optimizer, "param_groups", [])], seen)
         found += _tensors(list(getattr(optimizer, "state", {}).values()), seen)
+        optimizer = getattr(optimizer, "optimizer", None)
     return found
 
 
-def nonfinite_tensors(module: torch.nn.Module, optimizer, device: torch.device) -> int:
+def nonfinite_tensors(module: torch.nn.Module, optimizer) -> int:
     """How many weight / optimizer-state tensors hold an inf or NaN, summed over all ranks (a collective
     call: every rank must make it)."""
     tensors = local_state_tensors(module, optimizer)
     bad = sum(int(not bool(torch.isfinite(t).all())) for t in tensors)
-    return int(all_reduce_sum([float(bad)], device)[0])
+    return int(all_reduce_values([bad])[0])
 
 
 def read_healthy(ckpt_root: Path) -> str | None:

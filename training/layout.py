@@ -30,6 +30,7 @@ TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 HEALTHY = "healthy"
+DIVERGED_SUFFIX = ".diverged"      # checkpoints/step_N.diverged/: set aside after a divergence
 MANIFEST = "manifest.json"
 FINAL = "final"
 LOCK = ".lock"

@@ -25,7 +25,7 @@ from .evaluate import evaluate
 from .export import save_final
 from .files import atomic_copy
 from .health import mark_healthy, nonfinite_tensors, read_healthy, set_aside
-from .layout import TOKENIZER, RunDir, rank_state_name
+from .layout import DIVERGED_SUFFIX, TOKENIZER, RunDir, rank_state_name
 from .metrics import Metrics, data_counts, describe_skips, flops_per_token, peak_flops
 from .outputs import RunDirLock, check_output_dir
 from .step import DataExhausted, OptimizerStep
@@ -149,7 +149,7 @@ class TrainingRun:
     def save(self) -> None:
         """Save a checkpoint of this step; refused (the run stops) when a weight or optimizer-state tensor is
         not finite."""
-        bad = nonfinite_tensors(self.engine.module, self.engine.optimizer, self.dist.device)
+        bad = nonfinite_tensors(self.engine.module, self.engine.optimizer)
         if bad:
             raise self._diverged(f"{bad} weight or optimizer-state tensor(s) hold inf or NaN after step {self.step}: "
                                  f"not saved")
@@ -176,7 +176,7 @@ class TrainingRun:
         unverified = f"step_{self.saved_at}" if self.saved_at else None
         aside = ""
         if unverified and unverified != self.healthy:
-            kept = f"{unverified}.diverged"
+            kept = unverified + DIVERGED_SUFFIX
             if self.dist.is_main:
                 kept = set_aside(self.dir.checkpoints, unverified, self.healthy)
             aside = f"; {unverified} was saved but never verified and is kept aside as {kept}"
