@@ -7,7 +7,6 @@ from test_training_checkpoint import fake_checkpoint
 from training.checkpoint import prune, read_latest, step_dirs
 from training.health import mark_healthy, nonfinite_tensors, read_healthy, set_aside
 
-CPU = torch.device("cpu")
 
 
 def test_nonfinite_tensors_sees_weights_buffers_and_optimizer_state():
