@@ -25,7 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", metavar="auto|PATH",
                    help="continue from checkpoints/latest (auto; starts fresh when there is none) or a checkpoint")
     p.add_argument("--stop-at", type=int, metavar="STEP",
-                   help="save a checkpoint and exit after this step (for job time limits); continue with --resume auto")
+                   help="save a checkpoint and exit after this step (for job time limits; a resumed run already at "
+                        "STEP trains nothing); continue with --resume auto")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="let DeepSpeed unpickle the --resume checkpoint without checking it first (only for "
                         "checkpoints whose origin you trust)")
