@@ -7,9 +7,11 @@ fp32 matmul over all tokens. Forward output and grad_x never depend on the codec
 velora/function.py). State a codec needs (a basis, a forward counter) lives in buffers, so it is
 checkpointed and, being derived from statistics all-reduced over ranks, identical on every rank.
 
-Randomness comes from a generator seeded by (seed, layer, rank, forward count): a run and its resume
-draw the same numbers, and a forward recomputed by activation checkpointing draws exactly what the
-original forward drew (so checkpointing changes no gradient).
+Randomness is counter-based (rng.py): a hash of (seed, layer, rank, forward count, element index), so
+a run and its resume draw the same numbers on any device, and a forward recomputed by activation
+checkpointing draws exactly what the original forward drew (so checkpointing changes no gradient).
+The forward count is a Python int mirrored into a buffer for checkpoints: counting never reads a
+device tensor (no host sync, and codecs run under FakeTensorMode).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch._subclasses.fake_tensor import is_fake
 
 _MASK64 = (1 << 64) - 1
 
@@ -42,7 +45,7 @@ def mix_seed(*values: int) -> int:
 
 
 def _signature(x: torch.Tensor) -> tuple:
-    return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype, x.device)
+    return (x.untyped_storage()._cdata, x.storage_offset(), tuple(x.shape), x.stride(), x.dtype, x.device)
 
 
 def world_rank() -> int:
@@ -56,8 +59,10 @@ def all_reduce_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def generator(seed: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
+def host_value(t: torch.Tensor, fake_default):
+    """The Python value of a one-element tensor (a host read: use at load time only), or
+    `fake_default` for a fake tensor, which has no value."""
+    return fake_default if is_fake(t) else t.item()
 
 
 def element_size(dtype: torch.dtype) -> int:
@@ -87,7 +92,7 @@ class Codec(nn.Module):
         self.width, self.seed = width, seed
         if self.counts_forwards:
             self.register_buffer("forwards", torch.zeros((), dtype=torch.int64, device=device))
-        self._forwards = None         # Python mirror of the buffer: no device sync per forward
+        self._forwards = 0            # Python mirror of the buffer: counting never reads the device
         self._cache = None
         self.last_stored_bytes = 0
 
@@ -123,14 +128,13 @@ class Codec(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._forwards = None
+        if self.counts_forwards:
+            self._forwards = host_value(self.forwards, 0)
         self._cache = None
 
     def _tick(self, recompute: bool) -> int | None:
         if not self.counts_forwards:
             return None
-        if self._forwards is None:
-            self._forwards = int(self.forwards)
         if recompute:                        # the forward being recomputed is the last one counted
             return max(self._forwards - 1, 0)
         n = self._forwards
@@ -164,9 +168,9 @@ class Codec(nn.Module):
 
     def _encode(self, x: torch.Tensor, forward: int | None, users: set) -> Encoded:
         tensors, meta = self.encode(x, forward)
-        own = {b.untyped_storage().data_ptr() for b in self.buffers()}
+        own = {b.untyped_storage()._cdata for b in self.buffers()}
         nbytes = sum(t.numel() * t.element_size() for t in tensors
-                     if t is not None and t.untyped_storage().data_ptr() not in own)
+                     if t is not None and t.untyped_storage()._cdata not in own)
         self._cache = {"x": _signature(x), "version": x._version, "forward": forward, "users": users, "meta": meta,
                        "nbytes": nbytes, "refs": [weakref.ref(t) if t is not None else None for t in tensors]}
         self.last_stored_bytes = nbytes

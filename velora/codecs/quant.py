@@ -14,7 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import Codec, generator
+from .base import Codec
+from .rng import key_words, uniform
 
 BITS = (2, 4, 8)
 
@@ -35,6 +36,33 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+
+
+def sr_encode(x2: torch.Tensor, k0: int, k1: int, bits: int, group_size: int) -> tuple:
+    """x2 (tokens, D) -> (packed codes (tokens, groups, G bits / 8) uint8, lo, step (tokens, groups) fp32),
+    the rounding noise of element i of the padded (tokens, groups, G) layout from `uniform`'s hash i
+    under key words k0, k1."""
+    n, d = x2.shape
+    groups = -(-d // group_size)
+    xf = x2.float()
+    if groups * group_size > d:
+        xf = F.pad(xf.unsqueeze(1), (0, groups * group_size - d), mode="replicate").squeeze(1)
+    xg = xf.view(n, groups, group_size)
+    levels = 2 ** bits - 1
+    lo = xg.amin(-1, keepdim=True)
+    step = (xg.amax(-1, keepdim=True) - lo) / levels
+    step = torch.where(step > 0, step, torch.ones_like(step))     # a constant group: q = 0, exact
+    u = uniform(xg.shape, k0, k1, x2.device)
+    q = ((xg - lo) / step + u).floor().clamp(0, levels).to(torch.uint8)
+    return pack(q, bits), lo.squeeze(-1), step.squeeze(-1)
+
+
+def sr_decode(packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int, width: int,
+              dtype: torch.dtype) -> torch.Tensor:
+    """x̂ = lo + q step (tokens, width), computed in fp32 and returned in `dtype`."""
+    q = unpack(packed, bits).float()
+    x_hat = q * step.unsqueeze(-1) + lo.unsqueeze(-1)
+    return x_hat.reshape(q.shape[0], -1)[:, :width].to(dtype)
 
 
 class StochasticRounding(Codec):
@@ -62,27 +90,17 @@ class StochasticRounding(Codec):
     def stored_bytes_per_token(self, dtype: torch.dtype) -> int:
         return self.num_groups * (self.group_size * self.bits // 8 + 8)
 
-    def _groups(self, x2: torch.Tensor) -> torch.Tensor:
-        pad = self.num_groups * self.group_size - self.width
-        if pad:
-            x2 = F.pad(x2.unsqueeze(1), (0, pad), mode="replicate").squeeze(1)
-        return x2.view(x2.shape[0], self.num_groups, self.group_size)
-
     @torch.no_grad()
     def encode(self, x, forward):
         with torch.autocast(x.device.type, enabled=False):
-            xg = self._groups(x.detach().reshape(-1, self.width).float())
-            lo = xg.amin(-1, keepdim=True)
-            step = (xg.amax(-1, keepdim=True) - lo) / (2 ** self.bits - 1)
-            step = torch.where(step > 0, step, torch.ones_like(step))     # a constant group: q = 0, exact
-            u = torch.rand(xg.shape, generator=generator(self.forward_seed(forward), x.device), device=x.device)
-            q = (xg - lo).div_(step).add_(u).floor_().clamp_(0, 2 ** self.bits - 1).to(torch.uint8)
-        return (pack(q, self.bits), lo.squeeze(-1), step.squeeze(-1)), None
+            stored = sr_encode(x.detach().reshape(-1, self.width), *key_words(self.forward_seed(forward)),
+                               self.bits, self.group_size)
+        return stored, None
 
-    def dequantize(self, packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        """x̂ (tokens, D) fp32."""
-        q = unpack(packed, self.bits).float()
-        return q.mul_(step.unsqueeze(-1)).add_(lo.unsqueeze(-1)).reshape(q.shape[0], -1)[:, :self.width]
+    def dequantize(self, packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """x̂ (tokens, D) in `dtype`."""
+        return sr_decode(packed, lo, step, self.bits, self.width, dtype)
 
     def weight_grad(self, grad_y, tensors, meta, in_features):
         return grad_y.t().matmul(self.dequantize(*tensors))

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import parse_init
-from .base import Codec, all_reduce_, element_size, generator
+from . import rng
+from .base import Codec, all_reduce_, element_size, host_value
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -75,7 +76,7 @@ class SubTokenBasis(Codec):
             v = torch.randn(sub_token_size, rank, generator=g)
             self.v.copy_(torch.linalg.qr(v).Q.t())   # orthonormal rows (unit vectors for rank 1)
             self.initialized.fill_(True)
-        self._frozen = None           # Python copy of "v is final": avoids a device sync per forward
+        self._frozen = False          # batch_average_once: Python copy of `initialized` (no device read)
 
     def extra_repr(self) -> str:
         return (f"width={self.width}, sub_token_size={self.sub_token_size}, rank={self.rank}, "
@@ -93,13 +94,11 @@ class SubTokenBasis(Codec):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._frozen = None
+        self._frozen = self.init == "batch_average_once" and host_value(self.initialized, False)
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor, forward) -> None:
-        if self._frozen is None:
-            self._frozen = self.init == "random" or (self.init == "batch_average_once" and bool(self.initialized))
-        if self._frozen:
+        if self._frozen or self.init == "random":
             return
         stat = self._batch_statistic(x)
         if self.decay is not None:
@@ -179,12 +178,10 @@ class RandomVectors:
         return self.num_sub_tokens * self.rank
 
     def vectors(self, tokens: int, seed: int, device) -> torch.Tensor:
-        """(tokens, K, r, M) fp32."""
+        """(tokens, K, r, M) fp32, from the counter-based stream of `seed` (rng.py)."""
         shape = (tokens, self.num_sub_tokens, self.rank, self.sub_token_size)
-        g = generator(seed, device)
-        if self.kind == "gaussian":
-            return torch.randn(shape, generator=g, device=device)
-        return torch.randint(0, 2, shape, generator=g, device=device, dtype=torch.float32).mul_(2).sub_(1)
+        draw = rng.normal if self.kind == "gaussian" else rng.signs
+        return draw(shape, *rng.key_words(seed), device)
 
     @torch.no_grad()
     def sketch(self, x2: torch.Tensor, seed: int) -> torch.Tensor:
