@@ -2,9 +2,11 @@
 that read it, and reproducible randomness.
 
 A codec decides what one compressed input tensor x (..., D) leaves for backward. `encode(x)` runs in
-the training forward; `weight_grad(grad_y, stored)` rebuilds grad_W = grad_yᵀ x̂ from it as one 2-D
-fp32 matmul over all tokens. Forward output and grad_x never depend on the codec (see
-velora/function.py). State a codec needs (a basis, a forward counter) lives in buffers, so it is
+the training forward; `weight_grad(grad_y, stored)` computes grad_W = grad_yᵀ x̂ from it as one 2-D
+matmul over all tokens in the compute dtype (grad_y's: bf16 in a bf16 run, with fp32 accumulation;
+fp32 in an fp32 run). The projections reading one input (q/k/v, gate/up) share one `InputShare`: x̂ is
+decoded once, by the first of them to run backward, and released by the last. Forward output and
+grad_x never depend on the codec (see velora/function.py). State a codec needs (a basis, a forward counter) lives in buffers, so it is
 checkpointed and, being derived from statistics all-reduced over ranks, identical on every rank.
 
 Randomness is counter-based (rng.py): a hash of (seed, layer, rank, forward count, element index), so
@@ -69,14 +71,25 @@ def element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+class InputShare:
+    """What the projections reading one input tensor share between forward and backward: which of
+    them read it (`users`), how many backwards still need x̂ (`pending`), and x̂ meanwhile."""
+
+    __slots__ = ("users", "pending", "x_hat")
+
+    def __init__(self, user: int):
+        self.users, self.pending, self.x_hat = {user}, 0, None
+
+
 @dataclass
 class Encoded:
-    """What one compressed input leaves for backward: tensors for `save_for_backward` (None allowed)
-    and plain Python values the codec needs to rebuild x̂ (a seed, a token count)."""
+    """What one compressed input leaves for backward: tensors for `save_for_backward` (None allowed),
+    plain Python values the codec needs to rebuild x̂ (a seed, a token count), and the input's share."""
 
     tensors: tuple
     meta: Any
     nbytes: int
+    share: InputShare
 
 
 class Codec(nn.Module):
@@ -117,9 +130,25 @@ class Codec(nn.Module):
         codec does not count forwards)."""
         raise NotImplementedError
 
-    def weight_grad(self, grad_y: torch.Tensor, tensors: tuple, meta: Any, in_features: int) -> torch.Tensor:
-        """grad_W (out, in_features) in fp32 from grad_y (tokens, out) in fp32 and what `encode` stored."""
+    def decode(self, tensors: tuple, meta: Any, dtype: torch.dtype) -> torch.Tensor:
+        """x̂ (tokens, D) in `dtype` from what `encode` stored."""
         raise NotImplementedError
+
+    def weight_grad(self, grad_y: torch.Tensor, tensors: tuple, meta: Any, in_features: int,
+                    share: InputShare | None = None) -> torch.Tensor:
+        """grad_W (out, in_features) = grad_yᵀ x̂ in grad_y's dtype, grad_y (tokens, out); x̂ is decoded
+        once per `share` (default: decoded here)."""
+        return grad_y.t().matmul(self.shared_decode(tensors, meta, grad_y.dtype, share))
+
+    def shared_decode(self, tensors: tuple, meta: Any, dtype: torch.dtype, share: InputShare | None) -> torch.Tensor:
+        """`decode`, or the x̂ another projection of the share decoded; kept while backwards still need it."""
+        x_hat = share.x_hat if share is not None else None
+        if x_hat is None or x_hat.dtype != dtype:
+            x_hat = self.decode(tensors, meta, dtype)
+        if share is not None:
+            share.pending -= 1
+            share.x_hat = x_hat if share.pending > 0 else None
+        return x_hat
 
     # --- shared machinery --------------------------------------------------------------------
     def forward_seed(self, forward: int) -> int:
@@ -152,26 +181,27 @@ class Codec(nn.Module):
         new forward and encodes again.
         """
         c = self._cache
-        if c is not None and c["x"] == _signature(x) and x._version == c["version"] and id(user) not in c["users"]:
-            c["users"].add(id(user))
+        if (c is not None and c["x"] == _signature(x) and x._version == c["version"]
+                and id(user) not in c["share"].users):
+            c["share"].users.add(id(user))
             tensors = [r() if r is not None else None for r in c["refs"]]
             if all(t is not None for t, r in zip(tensors, c["refs"]) if r is not None):
-                return Encoded(tuple(tensors), c["meta"], c["nbytes"])
+                return Encoded(tuple(tensors), c["meta"], c["nbytes"], c["share"])
             # Autograd dropped them (activation checkpointing keeps nothing in its first forward):
             # the same input in the same forward, so encode it again with the same randomness.
-            return self._encode(x, c["forward"], c["users"])
+            return self._encode(x, c["forward"], c["share"])
         recompute = inside_backward()
         forward = self._tick(recompute)
         if not recompute:
             self.observe(x, forward)
-        return self._encode(x, forward, {id(user)})
+        return self._encode(x, forward, InputShare(id(user)))
 
-    def _encode(self, x: torch.Tensor, forward: int | None, users: set) -> Encoded:
+    def _encode(self, x: torch.Tensor, forward: int | None, share: InputShare) -> Encoded:
         tensors, meta = self.encode(x, forward)
         own = {b.untyped_storage()._cdata for b in self.buffers()}
         nbytes = sum(t.numel() * t.element_size() for t in tensors
                      if t is not None and t.untyped_storage()._cdata not in own)
-        self._cache = {"x": _signature(x), "version": x._version, "forward": forward, "users": users, "meta": meta,
+        self._cache = {"x": _signature(x), "version": x._version, "forward": forward, "share": share, "meta": meta,
                        "nbytes": nbytes, "refs": [weakref.ref(t) if t is not None else None for t in tensors]}
         self.last_stored_bytes = nbytes
-        return Encoded(tuple(tensors), meta, nbytes)
+        return Encoded(tuple(tensors), meta, nbytes, share)

@@ -74,7 +74,6 @@ class PrincipalPlusRandom(Codec):
         dtype = compute_dtype(x)
         return (c.to(dtype), z.to(dtype), self.basis), seed
 
-    def weight_grad(self, grad_y, tensors, seed, in_features):
+    def decode(self, tensors, seed, dtype):
         c, z, basis = tensors
-        x_hat = self._residual.reconstruct(z, seed).addmm_(c.float(), basis.t())
-        return grad_y.t().matmul(x_hat)
+        return self._residual.reconstruct(z, seed).addmm_(c.float(), basis.t()).to(dtype)

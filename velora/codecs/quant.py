@@ -97,10 +97,6 @@ class StochasticRounding(Codec):
                                self.bits, self.group_size)
         return stored, None
 
-    def dequantize(self, packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """x̂ (tokens, D) in `dtype`."""
+    def decode(self, tensors, meta, dtype):
+        packed, lo, step = tensors
         return sr_decode(packed, lo, step, self.bits, self.width, dtype)
-
-    def weight_grad(self, grad_y, tensors, meta, in_features):
-        return grad_y.t().matmul(self.dequantize(*tensors))

@@ -154,11 +154,12 @@ class SubTokenBasis(Codec):
             return (q, scale, snapshot), None
         return (z.to(compute_dtype(x)), None, snapshot), None
 
-    def weight_grad(self, grad_y, tensors, meta, in_features):
+    def weight_grad(self, grad_y, tensors, meta, in_features, share=None):
+        # (grad_yᵀ z) v: the expansion by v is M / r times cheaper than decoding x̂, so nothing is shared.
         z, scale, v = tensors
         r = v.shape[0]
-        zf = z.float() * scale if scale is not None else z.float()
-        a = grad_y.t().matmul(zf)                                          # (out, K * r), fp32
+        z = (z.float() * scale).to(grad_y.dtype) if scale is not None else z.to(grad_y.dtype)
+        a = grad_y.t().matmul(z).float()                                   # (out, K * r)
         return a.reshape(a.shape[0], -1, r).matmul(v.float()).reshape(a.shape[0], -1)[:, :in_features]
 
 
@@ -225,5 +226,5 @@ class RandomSubToken(Codec):
             z = self.random.sketch(x.detach().reshape(-1, self.width), seed)
         return (z.to(compute_dtype(x)),), seed
 
-    def weight_grad(self, grad_y, tensors, seed, in_features):
-        return grad_y.t().matmul(self.random.reconstruct(tensors[0], seed))
+    def decode(self, tensors, seed, dtype):
+        return self.random.reconstruct(tensors[0], seed).to(dtype)
