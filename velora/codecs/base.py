@@ -26,6 +26,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch._subclasses.fake_tensor import is_fake
 
+from . import fused
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -103,6 +105,7 @@ class Codec(nn.Module):
     def __init__(self, width: int, seed: int = 0, device=None):
         super().__init__()
         self.width, self.seed = width, seed
+        self.fused = "auto"           # velora.fused: where encode/decode run compiled (fused.py)
         if self.counts_forwards:
             self.register_buffer("forwards", torch.zeros((), dtype=torch.int64, device=device))
         self._forwards = 0            # Python mirror of the buffer: counting never reads the device
@@ -151,6 +154,10 @@ class Codec(nn.Module):
         return x_hat
 
     # --- shared machinery --------------------------------------------------------------------
+    def run(self, fn, *args):
+        """fn(*args): one of the codec's encode/decode functions, compiled where `self.fused` says."""
+        return fused.run(fn, fused.fused_on(self.fused, args[0].device), *args)
+
     def forward_seed(self, forward: int) -> int:
         """The seed of training forward number `forward` of this codec on this rank."""
         return mix_seed(self.seed, world_rank(), forward)

@@ -93,10 +93,10 @@ class StochasticRounding(Codec):
     @torch.no_grad()
     def encode(self, x, forward):
         with torch.autocast(x.device.type, enabled=False):
-            stored = sr_encode(x.detach().reshape(-1, self.width), *key_words(self.forward_seed(forward)),
-                               self.bits, self.group_size)
+            stored = self.run(sr_encode, x.detach().reshape(-1, self.width), *key_words(self.forward_seed(forward)),
+                              self.bits, self.group_size)
         return stored, None
 
     def decode(self, tensors, meta, dtype):
         packed, lo, step = tensors
-        return sr_decode(packed, lo, step, self.bits, self.width, dtype)
+        return self.run(sr_decode, packed, lo, step, self.bits, self.width, dtype)

@@ -60,8 +60,11 @@ def signs(shape, k0: int, k1: int, device) -> torch.Tensor:
     return (1 - 2 * (hash32(_indices(n, device), k0, k1) >> 31)).float().view(shape)
 
 
+@torch.compiler.disable
 def normal(shape, k0: int, k1: int, device) -> torch.Tensor:
-    """fp32 standard normals: Box-Muller on the uniforms of indices 2i and 2i + 1 (the cosine half)."""
+    """fp32 standard normals: Box-Muller on the uniforms of indices 2i and 2i + 1 (the cosine half).
+    Always eager: compiled log and cos may round differently from ATen's, and the fused path must
+    equal the eager one bitwise."""
     n = math.prod(shape)
     h = hash32(_indices(2 * n, device), k0, k1).view(n, 2)
     u1 = ((h[:, 0] >> 8) + 1).float() * 2.0 ** -24             # (0, 1]: log stays finite
