@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from velora import VeLoRAConfig, VeLoRALinear, apply_velora
-from velora.codecs.quant import pack, unpack
+from velora.codecs.quant import sr_encode, unpack
 from velora.memory import saved_bytes
 
 D, OUT, N, M = 40, 12, 48, 8          # D = 5 sub-tokens of 8, or a group of 32 + a padded one at G = 32
@@ -118,10 +118,15 @@ def test_pca_is_exact_when_the_input_lies_in_its_principal_subspace():
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_pack_unpack_round_trip_and_density(bits):
+def test_codes_are_packed_densely_first_code_in_the_low_bits(bits):
     q = torch.randint(0, 2 ** bits, (3, 5, 32), dtype=torch.uint8)
-    packed = pack(q, bits)
+    q[:, :, 0], q[:, :, 1] = 0, 2 ** bits - 1                # each group spans [0, levels]: step 1, codes exact
+    packed, lo, step = sr_encode(q.float().view(3, -1), 11, 12, bits, 32)
+    assert torch.equal(lo, torch.zeros(3, 5)) and torch.equal(step, torch.ones(3, 5))
     assert packed.shape == (3, 5, 32 * bits // 8) and packed.dtype == torch.uint8
+    per = 8 // bits
+    expected = sum(q.view(3, 5, -1, per)[..., j].int() << (bits * j) for j in range(per))
+    assert torch.equal(packed.int(), expected)
     assert torch.equal(unpack(packed, bits), q)
 
 

@@ -15,23 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from .base import Codec
-from .rng import key_words, uniform
+from .rng import key_words, uniform_at
 
 BITS = (2, 4, 8)
 
 
-def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes < 2**bits (..., G) -> (..., G * bits / 8) bytes, the first code in the low bits."""
-    per = 8 // bits
-    q = q.view(*q.shape[:-1], -1, per)
-    out = q[..., 0].clone()
-    for j in range(1, per):
-        out |= q[..., j] << (bits * j)
-    return out
-
-
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """The inverse of `pack`: (..., B) bytes -> (..., B * 8 / bits) uint8 codes."""
+    """(..., B) bytes -> (..., B * 8 / bits) uint8 codes, code j of a byte in its bits j*bits..."""
     per = 8 // bits
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
@@ -48,13 +38,20 @@ def sr_encode(x2: torch.Tensor, k0: int, k1: int, bits: int, group_size: int) ->
     if groups * group_size > d:
         xf = F.pad(xf.unsqueeze(1), (0, groups * group_size - d), mode="replicate").squeeze(1)
     xg = xf.view(n, groups, group_size)
-    levels = 2 ** bits - 1
+    levels, per = 2 ** bits - 1, 8 // bits
     lo = xg.amin(-1, keepdim=True)
     step = (xg.amax(-1, keepdim=True) - lo) / levels
     step = torch.where(step > 0, step, torch.ones_like(step))     # a constant group: q = 0, exact
-    u = uniform(xg.shape, k0, k1, x2.device)
-    q = ((xg - lo) / step + u).floor().clamp(0, levels).to(torch.uint8)
-    return pack(q, bits), lo.squeeze(-1), step.squeeze(-1)
+    # The codes of each lane (every per-th element) are computed where they are packed, from the index
+    # of their element: compiled, nothing the size of x is written but the packed bytes.
+    lanes = xg.view(n, groups, group_size // per, per)
+    index = torch.arange(n * groups * group_size, device=x2.device).view(lanes.shape)
+    packed = None
+    for j in range(per):
+        u = uniform_at(index[..., j], k0, k1)
+        q = ((lanes[..., j] - lo) / step + u).floor().clamp(0, levels).to(torch.uint8) << (bits * j)
+        packed = q if packed is None else packed | q
+    return packed, lo.squeeze(-1), step.squeeze(-1)
 
 
 def sr_decode(packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int, width: int,

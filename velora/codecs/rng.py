@@ -48,10 +48,10 @@ def _indices(n: int, device) -> torch.Tensor:
     return torch.arange(n, dtype=torch.int64, device=device)
 
 
-def uniform(shape, k0: int, k1: int, device) -> torch.Tensor:
-    """fp32 uniforms in [0, 1) on a grid of 2**-24, element i of the flattened shape from hash i."""
-    n = math.prod(shape)
-    return ((hash32(_indices(n, device), k0, k1) >> 8).float() * 2.0 ** -24).view(shape)
+def uniform_at(index: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
+    """fp32 uniforms in [0, 1) on a grid of 2**-24, one per element index."""
+    return (hash32(index, k0, k1) >> 8).float() * 2.0 ** -24
+
 
 
 def signs(shape, k0: int, k1: int, device) -> torch.Tensor:
