@@ -15,7 +15,7 @@ from velora.codecs.quant import sr_decode, sr_encode
 from velora.codecs.subtoken import random_decode, random_encode
 
 D, OUT = 200, 24            # 200 = one group of 128 + a padded one; 25 sub-tokens of 8
-KEY = rng.key_words(mix_seed(3, 1, 17))
+KEY = rng.key_tensors(mix_seed(3, 1, 17), "cpu")
 
 
 def _x(dtype, tokens=37):
@@ -62,9 +62,9 @@ def test_sr2_layer_fused_equals_eager_bitwise_under_bf16():
         layers.append(VeLoRALinear(D, OUT, codec="sr2", fused=on))
     saved, grads = ([], []), []
     for layer, keep in zip(layers, saved):
-        for step in range(2):                       # two forwards: two keys, one compiled graph
+        for _ in range(2):                          # two forwards: two keys, one compiled graph
             layer.weight.grad = None
-            x = _x(torch.float32, tokens=30 + step).requires_grad_()
+            x = _x(torch.float32).requires_grad_()
             with torch.autocast("cpu", dtype=torch.bfloat16), \
                     torch.autograd.graph.saved_tensors_hooks(lambda t: keep.append(t) or t, lambda t: t):
                 y = layer(x)

@@ -8,8 +8,11 @@ make the compiled result bitwise equal to the eager one on CPU (tests/test_velor
 
 `velora.fused`: "auto" compiles on CUDA only (a CPU step is dominated by its matmuls, and compiling
 costs tens of seconds of C++ builds at start-up); true compiles on every device; false never.
-Functions are compiled once each with dynamic shapes and dynamic integers (the forward's key words
-change every call); fake tensors (the memory planner) always run the eager code.
+Graphs are compiled for static shapes (symbolic sizes made Inductor's C++ index arithmetic ~40x
+slower): once per function and input shape, so once per layer width in a run of fixed-length
+sequences (Dynamo's recompile limit, 8 per function, falls back to the eager code, which gives the
+same bits). The forward's key words are 0-d tensors, data rather than constants, so a new forward
+reuses the graph. Fake tensors (the memory planner) always run the eager code.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ def fused_on(setting, device: torch.device) -> bool:
 def compiled(fn: Callable) -> Callable:
     """The compiled version of `fn` (one per function, shared by every codec)."""
     if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
     return _COMPILED[fn]
 
 

@@ -82,10 +82,10 @@ class PrincipalPlusRandom(Codec):
     def encode(self, x, forward):
         seed, dtype = self.forward_seed(forward), compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            c, z = self.run(pca_encode, x.detach().reshape(-1, self.width), self.basis, *self._residual.args(seed),
-                            dtype)
+            c, z = self.run(pca_encode, x.detach().reshape(-1, self.width), self.basis,
+                            *self._residual.args(seed, x.device), dtype)
         return (c, z, self.basis), seed
 
     def decode(self, tensors, seed, dtype):
         c, z, basis = tensors
-        return self.run(pca_decode, c, z, basis, *self._residual.args(seed), self.width, dtype)
+        return self.run(pca_decode, c, z, basis, *self._residual.args(seed, c.device), self.width, dtype)

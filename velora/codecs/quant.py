@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Codec
-from .rng import key_words, uniform_at
+from .rng import key_tensors, uniform_at
 
 BITS = (2, 4, 8)
 
@@ -28,7 +28,7 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)
 
 
-def sr_encode(x2: torch.Tensor, k0: int, k1: int, bits: int, group_size: int) -> tuple:
+def sr_encode(x2: torch.Tensor, k0, k1, bits: int, group_size: int) -> tuple:
     """x2 (tokens, D) -> (packed codes (tokens, groups, G bits / 8) uint8, lo, step (tokens, groups) fp32),
     the rounding noise of element i of the padded (tokens, groups, G) layout from `uniform`'s hash i
     under key words k0, k1."""
@@ -90,8 +90,8 @@ class StochasticRounding(Codec):
     @torch.no_grad()
     def encode(self, x, forward):
         with torch.autocast(x.device.type, enabled=False):
-            stored = self.run(sr_encode, x.detach().reshape(-1, self.width), *key_words(self.forward_seed(forward)),
-                              self.bits, self.group_size)
+            stored = self.run(sr_encode, x.detach().reshape(-1, self.width),
+                              *key_tensors(self.forward_seed(forward), x.device), self.bits, self.group_size)
         return stored, None
 
     def decode(self, tensors, meta, dtype):

@@ -25,8 +25,14 @@ _MUL = (0x7FEB352D, 0x5BD1E995)
 
 
 def key_words(key: int) -> tuple[int, int]:
-    """The (low, high) 32-bit words of a non-negative 63-bit key, the form the functions take."""
+    """The (low, high) 32-bit words of a non-negative 63-bit key."""
     return key & MASK32, (key >> 32) & MASK32
+
+
+def key_tensors(key: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`key_words` as two 0-d int64 tensors on `device`, the form the codecs pass: a compiled graph
+    then takes a new key as data (no recompilation), and creating them is a fill, not a host copy."""
+    return tuple(torch.full((), w, dtype=torch.int64, device=device) for w in key_words(key))
 
 
 def _mix(h: torch.Tensor) -> torch.Tensor:
@@ -38,8 +44,9 @@ def _mix(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def hash32(index: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
-    """32-bit hashes (int64 tensor) of int64 element indices (non-negative) under key words k0, k1."""
+def hash32(index: torch.Tensor, k0, k1) -> torch.Tensor:
+    """32-bit hashes (int64 tensor) of int64 element indices (non-negative) under key words k0, k1
+    (Python ints or 0-d int64 tensors)."""
     h = _mix((index & MASK32) ^ k0)
     return _mix(h ^ (index >> 32) ^ k1)
 

@@ -178,9 +178,9 @@ class RandomVectors:
     def coefficients_per_token(self) -> int:
         return self.num_sub_tokens * self.rank
 
-    def args(self, seed: int) -> tuple:
+    def args(self, seed: int, device) -> tuple:
         """The arguments of `sketch` / `reconstruct` after the tensor, for the stream of `seed`."""
-        return (*rng.key_words(seed), self.kind, self.sub_token_size, self.rank)
+        return (*rng.key_tensors(seed, device), self.kind, self.sub_token_size, self.rank)
 
 
 def random_vectors(tokens: int, k: int, k0: int, k1: int, kind: str, m: int, r: int, device) -> torch.Tensor:
@@ -250,8 +250,8 @@ class RandomSubToken(Codec):
     def encode(self, x, forward):
         seed, dtype = self.forward_seed(forward), compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            z = self.run(random_encode, x.detach().reshape(-1, self.width), *self.random.args(seed), dtype)
+            z = self.run(random_encode, x.detach().reshape(-1, self.width), *self.random.args(seed, x.device), dtype)
         return (z,), seed
 
     def decode(self, tensors, seed, dtype):
-        return self.run(random_decode, tensors[0], *self.random.args(seed), self.width, dtype)
+        return self.run(random_decode, tensors[0], *self.random.args(seed, tensors[0].device), self.width, dtype)
