@@ -42,15 +42,21 @@ def sr_encode(x2: torch.Tensor, k0, k1, bits: int, group_size: int) -> tuple:
     lo = xg.amin(-1, keepdim=True)
     step = (xg.amax(-1, keepdim=True) - lo) / levels
     step = torch.where(step > 0, step, torch.ones_like(step))     # a constant group: q = 0, exact
-    # The codes of each lane (every per-th element) are computed where they are packed, from the index
-    # of their element: compiled, nothing the size of x is written but the packed bytes.
-    lanes = xg.view(n, groups, group_size // per, per)
+    lanes = xg.view(n, groups, group_size // per, per)          # byte b of a group packs lanes[b, :]
     index = torch.arange(n * groups * group_size, device=x2.device).view(lanes.shape)
-    packed = None
-    for j in range(per):
-        u = uniform_at(index[..., j], k0, k1)
-        q = ((lanes[..., j] - lo) / step + u).floor().clamp(0, levels).to(torch.uint8) << (bits * j)
-        packed = q if packed is None else packed | q
+
+    def codes(v, i, lo, step):
+        return ((v - lo) / step + uniform_at(i, k0, k1)).floor().clamp(0, levels).to(torch.uint8)
+    if torch.compiler.is_compiling():
+        # Each lane's codes computed where they are packed: one loop nest that writes only the bytes.
+        lane_codes = [codes(lanes[..., j], index[..., j], lo, step) for j in range(per)]
+    else:
+        # Eager: each op once over every element (not once per lane); the same value per element.
+        q = codes(lanes, index, lo.unsqueeze(-1), step.unsqueeze(-1))
+        lane_codes = [q[..., j] for j in range(per)]
+    packed = lane_codes[0]
+    for j in range(1, per):
+        packed = packed | (lane_codes[j] << (bits * j))
     return packed, lo.squeeze(-1), step.squeeze(-1)
 
 
