@@ -5,13 +5,20 @@
     python scripts/bench_velora.py time --config configs/llama_60m.json --reps 15
     python scripts/bench_velora.py time --config configs/llama_60m.json --variants full_rank,velora_all,sr2_all
     python scripts/bench_velora.py codecs --configs configs/llama_60m.json --variants velora_all,sr2_all
+    python scripts/bench_velora.py time --config configs/llama_60m.json --variants sr2_all,sr2_all+fused
+    python scripts/bench_velora.py cost --before /tmp/before/velora
+    python scripts/bench_velora.py kernels --config configs/llama_60m.json --before /tmp/before/velora
+    python scripts/bench_velora.py qkv --tokens 16384 --reps 7 --before /tmp/before/velora
 
 `memory`: bytes saved for backward in one training step (batch x seq), none / paper / all, fp32 and
 bf16 autocast, with the ratio to none. `options`: VeLoRA `all` and the model's memory options, each
 alone and together, against the plain model. `codecs`: the same bytes for methods of
 scripts/compare_galore.py (codecs, hybrids, memory options), against full-rank. `time`: forward+backward of each variant (a method of
 scripts/compare_galore.py) against full-rank, the same weights and batch, interleaved repetitions (the
-order rotates every repetition), medians and their ratio to full-rank.
+order rotates every repetition), medians and their ratio to full-rank; a `+fused` suffix sets
+velora.fused=true for that variant. `cost`, `kernels` and `qkv` (codec_cost.py): what the codecs
+cost per compressed element and per step, eager and fused, against an older velora/ given by
+`--before` (e.g. `git archive 27b879f velora | tar -x -C /tmp/before`).
 Prints Markdown tables.
 """
 from __future__ import annotations
@@ -101,7 +108,9 @@ def step_time(path, batch_size, seq_len, reps, variants) -> list[str]:
     ids = torch.randint(0, base.model.vocab_size, (batch_size, seq_len))
     models = {}
     for name in ["full_rank"] + [v for v in variants if v != "full_rank"]:
-        cfg = load_config(path, [s for s in METHODS[name].sets if s.startswith(("velora.", "model."))])
+        method, _, fused = name.partition("+")
+        sets = [s for s in METHODS[method].sets if s.startswith(("velora.", "model."))]
+        cfg = load_config(path, sets + (["velora.fused=true"] if fused == "fused" else []))
         model = LlamaForCausalLM(cfg.model)
         if models:
             model.load_state_dict(models["full_rank"].state_dict())
@@ -133,7 +142,7 @@ def step_time(path, batch_size, seq_len, reps, variants) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=("memory", "options", "codecs", "time"))
+    p.add_argument("what", choices=("memory", "options", "codecs", "time", "cost", "kernels", "qkv"))
     p.add_argument("--configs", nargs="+", default=["configs/llama_60m.json", "configs/llama_350m.json"])
     p.add_argument("--config", default="configs/llama_60m.json")
     p.add_argument("--batch-size", type=int, default=1)
@@ -141,7 +150,14 @@ def main(argv=None) -> int:
     p.add_argument("--loss-chunk-size", type=int, default=1024)
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--variants", default="velora_all", help="methods of compare_galore.py to compare with full_rank")
+    p.add_argument("--before", help="an older velora/ package directory to measure beside this one")
+    p.add_argument("--tokens", type=int, default=4096, help="cost, qkv: tokens of the q/k/v block")
+    p.add_argument("--hidden", type=int, default=1024, help="cost, qkv: width of the q/k/v block")
     args = p.parse_args(argv)
+    if args.what in ("cost", "kernels", "qkv"):
+        import codec_cost
+        print(codec_cost.main(args))
+        return 0
     if args.what == "memory":
         print(memory_table(args.configs, args.batch_size, args.seq_len))
     elif args.what == "options":

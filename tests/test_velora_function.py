@@ -116,3 +116,44 @@ def test_eval_and_no_grad_are_plain_linear_and_leave_v():
     assert torch.equal(y, lin(x))
     assert y.grad_fn.name() != "CompressedLinearBackward"
     assert not vl.initialized and torch.count_nonzero(vl.v) == 0
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_weight_grad_is_one_matmul_in_the_compute_dtype(monkeypatch, autocast):
+    """Under bf16 autocast, grad_W is bf16 grad_y times bf16 x̂ (fp32 accumulation inside the matmul),
+    not an fp32 matmul; in fp32 it stays fp32."""
+    from velora.codecs.quant import StochasticRounding
+    torch.manual_seed(0)
+    layer = VeLoRALinear(64, 24, codec="sr2", group_size=32)
+    seen = []
+    decode = StochasticRounding.decode
+    monkeypatch.setattr(StochasticRounding, "decode", lambda self, *a: seen.append(decode(self, *a)) or seen[-1])
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    (x_hat,) = seen
+    assert x_hat.dtype == (torch.bfloat16 if autocast else torch.float32)
+    expected = gy.reshape(-1, 24).t().matmul(x_hat).to(layer.weight.dtype)
+    assert torch.equal(layer.weight.grad, expected)
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_a_shared_input_is_decoded_once_for_all_its_projections(monkeypatch, ckpt):
+    from model import LlamaConfig, LlamaForCausalLM
+    from velora import VeLoRAConfig, apply_velora
+    from velora.codecs.quant import StochasticRounding
+    calls = []
+    decode = StochasticRounding.decode
+    monkeypatch.setattr(StochasticRounding, "decode", lambda self, *a: calls.append(self) or decode(self, *a))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, activation_checkpointing=ckpt))
+    model, summary = apply_velora(model, VeLoRAConfig(setting="sr2_all"))
+    ids = torch.randint(0, 64, (2, 8))
+    for step in range(2):
+        calls.clear()
+        model(ids, labels=ids).backward()
+        assert len(calls) == len(summary.groups) == 6 and len({id(c) for c in calls}) == 6
+    for g in summary.groups:
+        assert g.codec._cache["share"].x_hat is None        # released by the last projection's backward

@@ -334,9 +334,10 @@ def saved_world_size(step_dir: Path) -> int | None:
 
 
 # What a checkpoint fixes: resuming with another value is refused before anything starts. The model's
-# memory options change nothing that is computed; settings not listed here (lr, schedule lengths, eval and
+# memory options and velora.fused (compiled or eager codecs, bitwise the same) change nothing that is
+# computed; settings not listed here (lr, schedule lengths, eval and
 # save cadence, validation size, epochs) may change on resume and are listed in a note.
-MEMORY_ONLY = ("loss_chunk_size", "recompute_swiglu", "activation_checkpointing")
+NOT_FIXED = {"model": ("loss_chunk_size", "recompute_swiglu", "activation_checkpointing"), "velora": ("fused",)}
 # data.num_workers is checked by the data state itself, resolved (`auto` is a number of workers there).
 FIXED = {"data": ("source", "path", "tokenizer", "seq_len", "packing", "shuffle_buffer", "seed", "add_bos"),
          "optim": ("name", "galore_rank", "galore_update_proj_gap", "galore_proj_type", "galore_targets", "galore_scale"),
@@ -359,7 +360,7 @@ def check_compatible(step_dir: Path, run_config) -> list[str]:
     differ from this run's, naming the setting and the saved value; list the other changed settings."""
     saved = json.loads((step_dir / RUN_CONFIG).read_text())
     now = run_config.to_dict()
-    keys = {s: [k for k in set(saved.get(s, {})) | set(now[s]) if not (s == "model" and k in MEMORY_ONLY)]
+    keys = {s: [k for k in set(saved.get(s, {})) | set(now[s]) if k not in NOT_FIXED[s]]
             for s in ("model", "velora")}
     keys.update(FIXED)
     for section, names in keys.items():

@@ -58,6 +58,13 @@ def _check_projection_map(key: str, mapping, check_value) -> None:
         check_value(f"velora.{key}.{name}", value)
 
 
+def check_fused(value, where: str = "velora.fused"):
+    """Validate a `velora.fused` value: "auto", true or false (velora/codecs/fused.py)."""
+    if value not in ("auto", True, False) or isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise ValueError(f'{where}: expected "auto" (compiled on CUDA, eager on CPU), true or false, got {value!r}')
+    return value
+
+
 def _positive_int(where: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{where}: must be a positive int, got {value!r}")
@@ -84,6 +91,9 @@ class VeLoRAConfig:
     group_size: elements per scale/offset group of `sr<k>`.
     refresh_every: training forwards between `pca`'s recomputations of its principal directions.
     seed: seeds `random` init and the random codecs (with the layer, the rank and the forward count).
+    fused: run the codecs' encode and decode compiled by torch.compile (fused kernels, bitwise equal to
+      the eager code on CPU): "auto" = on CUDA only (on a CPU, matmuls dominate the step and compiling
+      costs tens of seconds at start-up), true = everywhere, false = never.
     """
 
     setting: str = ""
@@ -98,6 +108,7 @@ class VeLoRAConfig:
     group_size: int = 128
     refresh_every: int = 200
     seed: int = 0
+    fused: bool | str = "auto"
 
     def __post_init__(self):
         self._apply_setting()
@@ -132,6 +143,7 @@ class VeLoRAConfig:
                 raise ValueError(f"velora.rank={self.rank} exceeds the sub-token size M={m} of {name}; "
                                  f"lower velora.rank or raise velora.sub_token_size")
         parse_init(self.init)
+        check_fused(self.fused)
 
     def _apply_setting(self) -> None:
         if not self.setting:

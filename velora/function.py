@@ -3,7 +3,9 @@ activation codec keeps instead of the input x.
 
   forward  y = x Wᵀ + b                 exactly F.linear (under autocast too)
   grad_x = grad_y W                     exact, needs no x
-  grad_W = codec.weight_grad(grad_y, stored)   grad_yᵀ x̂ as one 2-D fp32 matmul over all tokens
+  grad_W = codec.weight_grad(grad_y, stored)   grad_yᵀ x̂ as one 2-D matmul over all tokens, in grad_y's
+                                               dtype (bf16 with fp32 accumulation in a bf16 run);
+                                               x̂ decoded once per input tensor (Encoded.share)
   grad_b = Σ grad_y
 """
 from __future__ import annotations
@@ -23,9 +25,11 @@ class CompressedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, codec, meta, *stored):
+    def forward(ctx, x, weight, bias, codec, meta, share, *stored):
         ctx.save_for_backward(weight, bias, *stored)
-        ctx.codec, ctx.meta = codec, meta
+        ctx.codec, ctx.meta, ctx.share = codec, meta, share
+        if ctx.needs_input_grad[1]:
+            share.pending += 1          # one more backward will read x̂
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return F.linear(x, weight, bias)
 
@@ -39,14 +43,14 @@ class CompressedLinear(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = gy.matmul(weight.to(gy.dtype)).reshape(ctx.x_shape).to(ctx.x_dtype)
             if ctx.needs_input_grad[1]:
-                gw = ctx.codec.weight_grad(gy.float(), tuple(stored), ctx.meta, in_f)
+                gw = ctx.codec.weight_grad(gy, tuple(stored), ctx.meta, in_f, ctx.share)
                 grad_w = gw.to(weight.dtype).contiguous()
             if bias is not None and ctx.needs_input_grad[2]:
                 grad_b = gy.sum(0, dtype=torch.float32).to(bias.dtype)
-        return (grad_x, grad_w, grad_b, None, None) + (None,) * len(stored)
+        return (grad_x, grad_w, grad_b, None, None, None) + (None,) * len(stored)
 
 
 def compressed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, codec: Codec,
                       encoded: Encoded) -> torch.Tensor:
     """Apply `CompressedLinear` with what `codec` encoded for x (possibly shared with other projections)."""
-    return CompressedLinear.apply(x, weight, bias, codec, encoded.meta, *encoded.tensors)
+    return CompressedLinear.apply(x, weight, bias, codec, encoded.meta, encoded.share, *encoded.tensors)

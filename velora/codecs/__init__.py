@@ -1,6 +1,7 @@
 """Activation codecs: what a compressed input tensor keeps for backward (see base.py)."""
 from __future__ import annotations
 
+from ..config import check_fused
 from .base import Codec, Encoded, mix_seed
 from .pca import PrincipalPlusRandom
 from .quant import StochasticRounding
@@ -9,22 +10,27 @@ from .subtoken import RandomSubToken, SubTokenBasis, compute_dtype
 
 def make_codec(name: str, width: int, *, sub_token_size: int, rank: int = 1, init: str = "batch_average_once",
                coef_dtype: str = "compute", group_size: int = 128, refresh_every: int = 200, seed: int = 0,
-               device=None) -> Codec:
+               fused="auto", device=None) -> Codec:
     """The codec `name` (one of velora.config.CODECS) for inputs of width `width`.
 
     `sub_token_size`, `rank`: M and r of the sub-token codecs (and of pca's budget); `init`,
     `coef_dtype`: velora's; `group_size`: sr<k>'s; `refresh_every`: pca's; `seed`: the velora
-    `random` init's seed, and the stream of the random codecs (mixed with rank and forward count).
+    `random` init's seed, and the stream of the random codecs (mixed with rank and forward count);
+    `fused`: velora.fused ("auto", True or False, see fused.py).
     """
+    check_fused(fused)
     if name == "velora":
-        return SubTokenBasis(width, sub_token_size, rank, init, coef_dtype, seed, device=device)
-    if name in ("sr2", "sr4", "sr8"):
-        return StochasticRounding(width, int(name[2:]), group_size, seed, device=device)
-    if name in ("rademacher", "gaussian"):
-        return RandomSubToken(width, sub_token_size, rank, name, seed, device=device)
-    if name == "pca":
-        return PrincipalPlusRandom(width, sub_token_size, rank, refresh_every, seed, device=device)
-    raise ValueError(f"unknown activation codec {name!r}")
+        codec = SubTokenBasis(width, sub_token_size, rank, init, coef_dtype, seed, device=device)
+    elif name in ("sr2", "sr4", "sr8"):
+        codec = StochasticRounding(width, int(name[2:]), group_size, seed, device=device)
+    elif name in ("rademacher", "gaussian"):
+        codec = RandomSubToken(width, sub_token_size, rank, name, seed, device=device)
+    elif name == "pca":
+        codec = PrincipalPlusRandom(width, sub_token_size, rank, refresh_every, seed, device=device)
+    else:
+        raise ValueError(f"unknown activation codec {name!r}")
+    codec.fused = fused
+    return codec
 
 
 __all__ = ["Codec", "Encoded", "PrincipalPlusRandom", "RandomSubToken", "StochasticRounding", "SubTokenBasis",

@@ -18,7 +18,21 @@ import math
 import torch
 
 from .base import Codec, all_reduce_, element_size
-from .subtoken import RandomVectors, compute_dtype
+from .subtoken import RandomVectors, compute_dtype, reconstruct, sketch
+
+
+def pca_encode(x2: torch.Tensor, basis: torch.Tensor, k0: int, k1: int, kind: str, m: int, r: int,
+               dtype: torch.dtype) -> tuple:
+    """(c, z) in `dtype`: x2's coefficients on the basis and the sketch of the rest."""
+    x2 = x2.float()
+    c = x2.matmul(basis)
+    return c.to(dtype), sketch(x2 - c.matmul(basis.t()), k0, k1, kind, m, r).to(dtype)
+
+
+def pca_decode(c: torch.Tensor, z: torch.Tensor, basis: torch.Tensor, k0: int, k1: int, kind: str, m: int, r: int,
+               width: int, dtype: torch.dtype) -> torch.Tensor:
+    """x̂ = U c + the sketch's reconstruction, in `dtype`."""
+    return (reconstruct(z, k0, k1, kind, m, r, width) + c.float().matmul(basis.t())).to(dtype)
 
 
 class PrincipalPlusRandom(Codec):
@@ -66,15 +80,12 @@ class PrincipalPlusRandom(Codec):
 
     @torch.no_grad()
     def encode(self, x, forward):
-        seed = self.forward_seed(forward)
+        seed, dtype = self.forward_seed(forward), compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            x2 = x.detach().reshape(-1, self.width).float()
-            c = x2.matmul(self.basis)
-            z = self._residual.sketch(x2 - c.matmul(self.basis.t()), seed)
-        dtype = compute_dtype(x)
-        return (c.to(dtype), z.to(dtype), self.basis), seed
+            c, z = self.run(pca_encode, x.detach().reshape(-1, self.width), self.basis,
+                            *self._residual.args(seed, x.device), dtype)
+        return (c, z, self.basis), seed
 
-    def weight_grad(self, grad_y, tensors, seed, in_features):
+    def decode(self, tensors, seed, dtype):
         c, z, basis = tensors
-        x_hat = self._residual.reconstruct(z, seed).addmm_(c.float(), basis.t())
-        return grad_y.t().matmul(x_hat)
+        return self.run(pca_decode, c, z, basis, *self._residual.args(seed, c.device), self.width, dtype)

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import parse_init
-from .base import Codec, all_reduce_, element_size, generator
+from . import rng
+from .base import Codec, all_reduce_, element_size, host_value
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -75,7 +76,7 @@ class SubTokenBasis(Codec):
             v = torch.randn(sub_token_size, rank, generator=g)
             self.v.copy_(torch.linalg.qr(v).Q.t())   # orthonormal rows (unit vectors for rank 1)
             self.initialized.fill_(True)
-        self._frozen = None           # Python copy of "v is final": avoids a device sync per forward
+        self._frozen = False          # batch_average_once: Python copy of `initialized` (no device read)
 
     def extra_repr(self) -> str:
         return (f"width={self.width}, sub_token_size={self.sub_token_size}, rank={self.rank}, "
@@ -93,13 +94,11 @@ class SubTokenBasis(Codec):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._frozen = None
+        self._frozen = self.init == "batch_average_once" and host_value(self.initialized, False)
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor, forward) -> None:
-        if self._frozen is None:
-            self._frozen = self.init == "random" or (self.init == "batch_average_once" and bool(self.initialized))
-        if self._frozen:
+        if self._frozen or self.init == "random":
             return
         stat = self._batch_statistic(x)
         if self.decay is not None:
@@ -155,11 +154,12 @@ class SubTokenBasis(Codec):
             return (q, scale, snapshot), None
         return (z.to(compute_dtype(x)), None, snapshot), None
 
-    def weight_grad(self, grad_y, tensors, meta, in_features):
+    def weight_grad(self, grad_y, tensors, meta, in_features, share=None):
+        # (grad_yᵀ z) v: the expansion by v is M / r times cheaper than decoding x̂, so nothing is shared.
         z, scale, v = tensors
         r = v.shape[0]
-        zf = z.float() * scale if scale is not None else z.float()
-        a = grad_y.t().matmul(zf)                                          # (out, K * r), fp32
+        z = (z.float() * scale).to(grad_y.dtype) if scale is not None else z.to(grad_y.dtype)
+        a = grad_y.t().matmul(z).float()                                   # (out, K * r)
         return a.reshape(a.shape[0], -1, r).matmul(v.float()).reshape(a.shape[0], -1)[:, :in_features]
 
 
@@ -178,27 +178,51 @@ class RandomVectors:
     def coefficients_per_token(self) -> int:
         return self.num_sub_tokens * self.rank
 
-    def vectors(self, tokens: int, seed: int, device) -> torch.Tensor:
-        """(tokens, K, r, M) fp32."""
-        shape = (tokens, self.num_sub_tokens, self.rank, self.sub_token_size)
-        g = generator(seed, device)
-        if self.kind == "gaussian":
-            return torch.randn(shape, generator=g, device=device)
-        return torch.randint(0, 2, shape, generator=g, device=device, dtype=torch.float32).mul_(2).sub_(1)
+    def args(self, seed: int, device) -> tuple:
+        """The arguments of `sketch` / `reconstruct` after the tensor, for the stream of `seed`."""
+        return (*rng.key_tensors(seed, device), self.kind, self.sub_token_size, self.rank)
 
-    @torch.no_grad()
-    def sketch(self, x2: torch.Tensor, seed: int) -> torch.Tensor:
-        """z (tokens, K*r) fp32: the coefficients of every sub-token of x2 (tokens, D) on its vectors."""
-        s = self.vectors(x2.shape[0], seed, x2.device)
-        z = torch.einsum("nkm,nkrm->nkr", split_sub_tokens(x2.float(), self.sub_token_size), s)
-        return z.reshape(x2.shape[0], -1)
 
-    def reconstruct(self, z: torch.Tensor, seed: int) -> torch.Tensor:
-        """x̂ (tokens, D) fp32 from the coefficients of `sketch`: E[x̂] = the sketched x."""
-        n = z.shape[0]
-        s = self.vectors(n, seed, z.device)
-        zr = z.float().view(n, self.num_sub_tokens, self.rank, 1)
-        return (zr * s).sum(2).div_(self.rank).reshape(n, -1)[:, :self.width]
+def random_vectors(tokens: int, k: int, k0: int, k1: int, kind: str, m: int, r: int, device) -> torch.Tensor:
+    """(tokens, K, r, M) fp32 vectors from the counter-based stream of key words k0, k1 (rng.py)."""
+    draw = rng.normal if kind == "gaussian" else rng.signs
+    return draw((tokens, k, r, m), k0, k1, device)
+
+
+def _sum_in_order(terms) -> torch.Tensor:
+    """Σ of the terms, added left to right: a fixed order (a library reduction may pick another), so
+    the eager and the compiled code round alike."""
+    total = None
+    for t in terms:
+        total = t if total is None else total + t
+    return total
+
+
+def sketch(x2: torch.Tensor, k0: int, k1: int, kind: str, m: int, r: int) -> torch.Tensor:
+    """z (tokens, K*r) fp32: the coefficients of every sub-token of x2 (tokens, D) on its vectors."""
+    xs = split_sub_tokens(x2.float(), m).unsqueeze(2)                       # (tokens, K, 1, M)
+    s = random_vectors(x2.shape[0], xs.shape[1], k0, k1, kind, m, r, x2.device)
+    return _sum_in_order(xs[..., j] * s[..., j] for j in range(m)).reshape(x2.shape[0], -1)
+
+
+def reconstruct(z: torch.Tensor, k0: int, k1: int, kind: str, m: int, r: int, width: int) -> torch.Tensor:
+    """x̂ (tokens, width) fp32 from the coefficients of `sketch`: E[x̂] = the sketched x."""
+    n = z.shape[0]
+    k = z.shape[1] // r
+    s = random_vectors(n, k, k0, k1, kind, m, r, z.device)
+    zr = z.float().view(n, k, r, 1)
+    return (_sum_in_order(zr[:, :, j] * s[:, :, j] for j in range(r)) / r).reshape(n, -1)[:, :width]
+
+
+def random_encode(x2: torch.Tensor, k0: int, k1: int, kind: str, m: int, r: int, dtype: torch.dtype) -> torch.Tensor:
+    """`sketch` in `dtype`: what the random sub-token codecs store."""
+    return sketch(x2, k0, k1, kind, m, r).to(dtype)
+
+
+def random_decode(z: torch.Tensor, k0: int, k1: int, kind: str, m: int, r: int, width: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """`reconstruct` in `dtype`."""
+    return reconstruct(z, k0, k1, kind, m, r, width).to(dtype)
 
 
 class RandomSubToken(Codec):
@@ -222,11 +246,12 @@ class RandomSubToken(Codec):
     def stored_bytes_per_token(self, dtype: torch.dtype) -> int:
         return self.random.coefficients_per_token * element_size(dtype)
 
+    @torch.no_grad()
     def encode(self, x, forward):
-        seed = self.forward_seed(forward)
+        seed, dtype = self.forward_seed(forward), compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            z = self.random.sketch(x.detach().reshape(-1, self.width), seed)
-        return (z.to(compute_dtype(x)),), seed
+            z = self.run(random_encode, x.detach().reshape(-1, self.width), *self.random.args(seed, x.device), dtype)
+        return (z,), seed
 
-    def weight_grad(self, grad_y, tensors, seed, in_features):
-        return grad_y.t().matmul(self.random.reconstruct(tensors[0], seed))
+    def decode(self, tensors, seed, dtype):
+        return self.run(random_decode, tensors[0], *self.random.args(seed, tensors[0].device), self.width, dtype)
