@@ -102,3 +102,33 @@ def test_a_non_finite_validation_loss_stops_before_the_save(tmp_path):
                              "healthy: step_5 (")
     ckpts = out / "checkpoints"
     assert [d.name for d in sorted(ckpts.iterdir())] == ["healthy", "latest", "step_5"]
+
+
+@pytest.mark.slow
+def test_resume_auto_refuses_in_one_line_and_loses_nothing(reference, tmp_path):
+    """A requeue on another world size, and a directory whose every checkpoint is corrupt: exit 2, one line,
+    train_log.jsonl and the checkpoints untouched (never a fresh start over them)."""
+    import json
+    import shutil
+
+    from training.integrity import write_manifest
+    out = shutil.copytree(reference, tmp_path / "run")
+    ckpts = out / "checkpoints"
+
+    def snapshot():
+        return (out / "train_log.jsonl").read_bytes(), sorted((p.name, p.stat().st_mtime_ns) for p in ckpts.rglob("*"))
+    for d in (p for p in ckpts.iterdir() if p.name.startswith("step_")):
+        state = json.loads((d / "trainer_state_rank0.json").read_text())
+        (d / "trainer_state_rank0.json").write_text(json.dumps({**state, "world_size": 2}))
+        write_manifest(d)
+    before = snapshot()
+    assert_one_line_error(run(out, "--resume", "auto", "--set", f"train.max_steps={STEPS + 5}"),
+                          f"--resume auto: {ckpts / 'step_20'} was written by 2 processes, this run has 1; resume "
+                          f"with 2 processes, or export it", "--set train.init_from=DIR")
+    assert snapshot() == before
+    for d in (p for p in ckpts.iterdir() if p.name.startswith("step_")):
+        (d / "trainer_state_rank0.json").write_text("{")
+    before = snapshot()
+    assert_one_line_error(run(out, "--resume", "auto", "--set", f"train.max_steps={STEPS + 5}"),
+                          f"--resume auto: {ckpts} holds checkpoints but none is usable (newest: {ckpts / 'step_20'}")
+    assert snapshot() == before
