@@ -75,7 +75,7 @@ def test_other_optimizers_run(tmp_path, name):
 @pytest.mark.parametrize("sets, fragments", [
     (["deepspeed.train_batch_size=10"], ["deepspeed.train_batch_size=10 is not divisible by "
                                         "train_micro_batch_size_per_gpu=4 x world size 1"]),
-    (["optim.name=lion"], ["optim.name: expected one of adamw, adafactor, galore_adamw, galore_adafactor"]),
+    (["optim.name=lion"], ["optim.name: expected one of adamw, adamw8bit, adafactor, galore_adamw, galore_adafactor"]),
 ])
 def test_bad_run_configs_give_one_line_errors(tmp_path, sets, fragments):
     out = tmp_path / "run"
