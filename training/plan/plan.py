@@ -27,7 +27,7 @@ def method_config(run_config, method: str, micro_batch: int, zero_stage: int, wo
         raise ConfigError(f"--micro-batch: expected a positive integer, got {micro_batch!r}")
     if not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(f"--world-size: expected a positive integer, got {world_size!r}")
-    check_choice("--zero-stage", zero_stage, (0, 1, 2))
+    check_choice("--zero-stage", zero_stage, (0, 1, 2, 3))     # zero.py explains why 3 is refused
     sets = [f"deepspeed.zero_optimization.stage={zero_stage}", f"deepspeed.bf16.enabled={str(dtype == 'bf16').lower()}",
             f"deepspeed.train_micro_batch_size_per_gpu={micro_batch}",
             f"deepspeed.train_batch_size={micro_batch * world_size}", "deepspeed.gradient_accumulation_steps=1"]
@@ -37,15 +37,17 @@ def method_config(run_config, method: str, micro_batch: int, zero_stage: int, wo
     return config_from_dict(apply_overrides(run_config.to_dict(), sets), run_config.source)
 
 
-def plan_memory(run_config, method: str, micro_batch: int, zero_stage: int, world_size: int, dtype: str) -> dict:
-    """Predict one training step's memory per GPU. Returns a JSON-ready dict: `peak_bytes` (the largest
+def plan_memory(run_config, method: str, micro_batch: int, zero_stage: int, world_size: int, dtype: str,
+                *, fake: bool = True) -> dict:
+    """Predict one training step's memory per GPU (`fake=False`: the same step on real CPU tensors, the
+    planner's own check). Returns a JSON-ready dict: `peak_bytes` (the largest
     phase peak, as a CPU step counts it), `parts` (bytes by part at that peak), `peak_phase`, `host_bytes`
     (ZeRO-Offload's share in host memory), `saved_activations_total` (bytes the forward saves for
     backward, velora.memory's count), `phases` and `cuda` (the GPU prediction and its corrections)."""
     cfg = method_config(run_config, method, micro_batch, zero_stage, world_size, dtype)
     zs = zero_settings(cfg.deepspeed)
     sim_cfg = config_from_dict(apply_overrides(cfg.to_dict(), ["deepspeed.zero_optimization.stage=0"]), cfg.source)
-    sim = simulate(sim_cfg, micro_batch, cfg.bf16)
+    sim = simulate(sim_cfg, micro_batch, cfg.bf16, fake)
     elsize = sim["param_elsize"]
     phases = []
     for ph in sim["phases"]:
