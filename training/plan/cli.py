@@ -12,11 +12,8 @@ import math
 
 from .. import cli
 from ..errors import ConfigError
-from .fit import fit_table
-from .methods import METHODS
-from .plan import DTYPES, plan_memory
+from .methods import DTYPES, METHODS
 
-GIB = 2 ** 30
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -67,6 +64,8 @@ def _table(plans: list) -> str:
 
 def run(argv) -> int:
     from ..config import load_config
+    from .fit import fit_table              # the training stack, imported after --help has had its chance
+    from .plan import plan_memory
 
     args = parse_args(argv)
     cfg = load_config(args.config)

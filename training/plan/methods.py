@@ -2,6 +2,7 @@
 overrides scripts/compare_galore.py's METHODS give train_c4.py; a test keeps the two in step)."""
 from __future__ import annotations
 
+DTYPES = ("bf16", "fp32")
 ALL = ["velora.targets=all"]
 SR2 = ALL + ["velora.codec=sr2"]
 CHUNK, SWIGLU = ["model.loss_chunk_size=1024"], ["model.recompute_swiglu=true"]

@@ -11,11 +11,9 @@ from pathlib import Path
 from ..config import RunConfig, apply_overrides, config_from_dict, load_config
 from ..errors import ConfigError, check_choice
 from .cuda import cuda_corrections
-from .methods import METHODS
+from .methods import DTYPES, METHODS
 from .step import simulate
 from .zero import apply_zero, zero_settings
-
-DTYPES = ("bf16", "fp32")
 
 
 def method_config(run_config, method: str, micro_batch: int, zero_stage: int, world_size: int,
