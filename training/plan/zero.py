@@ -9,15 +9,19 @@ after. step.py runs exactly that.
 
 ZeRO 1 and 2 (runtime/zero/stage_1_and_2.py, N = world size, P = parameters):
 - the fp32 master is the rank's partition only (`single_partition_of_fp32_groups`): 4P/N bytes;
-- its fp32 gradient is allocated once and kept (`initialize_optimizer_states`): 4P/N bytes, always live;
+- its fp32 gradient (4P/N bytes) is made from the reduced low-precision partition at the step and
+  dropped after (`step`); with offload it is allocated once and kept (`initialize_optimizer_states`);
 - the optimizer steps that flat partition: its state is the ZeRO 0 state / N;
 - gradients go through a reduce bucket of `reduce_bucket_size` elements (default 5e8), allocated in
   backward (`setup_buckets`): fp32 at ZeRO 1, the model's dtype at ZeRO 2, twice with `overlap_comm`
   (default off below ZeRO 3);
 - ZeRO 1 keeps every low-precision gradient until the step; ZeRO 2 keeps only the rank's partition,
-  contiguous (`grads_in_partition`, P/N elements of the model's dtype).
-With `offload_optimizer.device = cpu` the master, its gradient and the optimizer state live in host
-memory instead (reported as `host_bytes`). ZeRO 3 is not modelled (the planner refuses it).
+  contiguous (`grads_in_partition`, P/N elements of the model's dtype, allocated once and kept);
+- at the step (without offload) the partition's gradients are flattened once more (P/N, model dtype)
+  before the fp32 copy, and the optimizer steps one flat fp32 tensor, so its temporaries are partition
+  sized: counted as one fp32 partition (AdamW's `exp_avg_sq.sqrt()`; an estimate for other optimizers).
+With `offload_optimizer.device = cpu` the master, its gradient, the optimizer state and a bf16 copy of
+the partition (`param_buffer_of_bit16_for_cpu_offload_groups`) live in host memory (`host_bytes`). ZeRO 3 is not modelled (the planner refuses it).
 """
 from __future__ import annotations
 
@@ -48,16 +52,19 @@ def apply_zero(phase: dict, zs: dict, world: int, n_params: int, model_elsize: i
     if zs["stage"] == 0:
         return {"parts": parts, "host": {}}
     n, host = world, {}
+    stepping = phase["name"].endswith("optimizer")
     parts["master_weights"] = 4 * n_params // n
-    parts["master_gradients"] = 4 * n_params // n
+    parts["master_gradients"] = 4 * n_params // n if stepping or zs["offload"] else 0
     parts["optimizer_state"] = parts.get("optimizer_state", 0) // n
     if zs["offload"]:
         for key in ("master_weights", "master_gradients", "optimizer_state"):
             host[key] = parts.pop(key)
-    if phase["name"].endswith("forward"):
-        return {"parts": parts, "host": host}
-    bucket_elsize = 4 if zs["stage"] == 1 else model_elsize
-    parts["reduce_buckets"] = zs["bucket"] * bucket_elsize * (2 if zs["overlap_comm"] else 1)
+        host["bf16_partition_buffer"] = model_elsize * n_params // n
     if zs["stage"] == 2:
         parts["gradients"] = grad_bytes // n
+    if stepping and not zs["offload"]:
+        parts["step_buffers"] = model_elsize * n_params // n + 4 * n_params // n
+    if phase["name"].endswith("backward"):
+        bucket_elsize = 4 if zs["stage"] == 1 else model_elsize
+        parts["reduce_buckets"] = zs["bucket"] * bucket_elsize * (2 if zs["overlap_comm"] else 1)
     return {"parts": parts, "host": host}
