@@ -111,12 +111,12 @@ def test_zero_formulas():
 
 
 def test_largest_micro_batch_is_exact():
-    def plan_at(b, kink=40):                # a phase peak affine in b, another one (the step) constant
-        return {"cuda": {"device_bytes": max(1000 + 37 * b + (500 if b > kink else 0), 2000)}}
-    for gpu in (100, 1500, 2200, 3000, 10 ** 6):
-        budget = gpu * 0.95
-        want = max([b for b in range(1, 4097) if plan_at(b)["cuda"]["device_bytes"] <= budget], default=0)
-        assert largest_micro_batch(plan_at, gpu) == want
+    def plan_at(b):                # phases affine in b, or not (a jump past b = 40): the bisection catches it
+        phases = [{"cuda_bytes": 1000 + 37 * b}, {"cuda_bytes": 2000 + (500 if b > 40 else 0) + b}]
+        return {"phases": phases, "cuda": {"device_bytes": max(p["cuda_bytes"] for p in phases) + 10}}
+    for gpu in (100, 2000, 2200, 3000, 10 ** 6):
+        want = max([b for b in range(1, 4097) if plan_at(b)["cuda"]["device_bytes"] <= gpu * 0.95], default=0)
+        assert largest_micro_batch(plan_at, gpu) == want, gpu
 
 
 def test_methods_match_compare_galore():

@@ -54,7 +54,7 @@ def plan_memory(run_config, method: str, micro_batch: int, zero_stage: int, worl
         cud = apply_zero({**ph, "parts": ph["cuda_parts"]}, zs, world_size, sim["n_params"], elsize, grads)
         phases.append({"name": ph["name"], "peak_bytes": sum(raw["parts"].values()), "parts": raw["parts"],
                        "host": raw["host"], "cuda_bytes": sum(cud["parts"].values())})
-    top = max(phases, key=lambda p: p["peak_bytes"])
+    top = max(reversed(phases), key=lambda p: p["peak_bytes"])       # a tie goes to the later phase
     cuda_peak = max(p["cuda_bytes"] for p in phases)
     return {
         "method": method, "label": METHODS[method][0], "config": cfg.source, "micro_batch": micro_batch,
@@ -63,6 +63,6 @@ def plan_memory(run_config, method: str, micro_batch: int, zero_stage: int, worl
         "peak_bytes": top["peak_bytes"], "peak_phase": top["name"], "parts": top["parts"],
         "host_bytes": sum(max((p["host"].get(k, 0) for p in phases), default=0) for k in top["host"]),
         "saved_activations_total": sim["saved_total"],
-        "phases": [{"name": p["name"], "peak_bytes": p["peak_bytes"]} for p in phases],
+        "phases": [{"name": p["name"], "peak_bytes": p["peak_bytes"], "cuda_bytes": p["cuda_bytes"]} for p in phases],
         "cuda": cuda_corrections(cuda_peak),
     }

@@ -4,9 +4,12 @@ tensors, watched by the same MemoryTracker.
 What runs is what train_c4.py runs at ZeRO 0 (zero.py says why): the model built and VeLoRA applied as
 the config says (training/build.py), cast to bf16 when DeepSpeed trains in bf16, our optimizer
 (training/optim.py) stepping fp32 masters of the bf16 weights the way DeepSpeed's FP16_UnfusedOptimizer
-does, or the weights themselves in fp32. Two steps run: the first has the one-off work (VeLoRA's first
-basis, GaLore's first SVD, the optimizer's lazily created state), the second is the steady state with
-the optimizer state live through forward and backward. Each phase's peak is kept with its parts.
+does, or the weights themselves in fp32. Two steps run, the first one short: zero gradients and an
+optimizer step, which creates the optimizer's lazily made state (and GaLore's first SVD) at its full
+size; then a full step (forward, backward, optimizer) with that state live throughout, as in every later
+step of a run. Its forward also does the model's one-off work (VeLoRA's first basis). A first forward
+and backward would only repeat the second's without the state, so they are skipped (it halves the
+planner's time). Each phase's peak is kept with its parts.
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ class _Parts:
 
     def __init__(self, model, masters: dict, optimizer):
         self.model, self.masters, self.optimizer = model, masters, optimizer
+        self.params = list(model.parameters())
+        self._fixed = None
         self.saved: dict[int, weakref.ref] = {}
         self._state, self._state_step = set(), None
         self.phase = ""
@@ -43,15 +48,17 @@ class _Parts:
         return t
 
     def __call__(self, live: set) -> dict:
-        params = list(self.model.parameters())
+        if self._fixed is None:                  # weights and masters keep their storages for the whole run
+            self._fixed = {"parameters": set(storages(list(self.model.parameters()) + list(self.model.buffers()))),
+                           "master_weights": set(storages(list(self.masters.values())))}
         if self.phase.endswith("optimizer") or self._state_step != self.phase:
             self._state = set(storages(self.optimizer.state))
             self._state_step = self.phase
         return {
-            "parameters": set(storages(params + list(self.model.buffers()))),
-            "gradients": set(storages([p.grad for p in params if p.grad is not None])),
-            "master_weights": set(storages(list(self.masters.values()))),
-            "master_gradients": set(storages([m.grad for m in self.masters.values() if m.grad is not None])),
+            "parameters": self._fixed["parameters"],
+            "gradients": {id(p.grad.untyped_storage()) for p in self.params if p.grad is not None},
+            "master_weights": self._fixed["master_weights"],
+            "master_gradients": {id(m.grad.untyped_storage()) for m in self.masters.values() if m.grad is not None},
             "optimizer_state": self._state,
             "saved_activations": {k for k, r in self.saved.items() if r() is not None},
         }
@@ -91,10 +98,11 @@ def _optimizer_step(model, optimizer, masters: dict) -> None:
         p.grad = None
 
 
-def simulate(cfg, micro_batch: int, bf16: bool, fake: bool = True, steps: int = 2) -> dict:
-    """Run `steps` training steps of `cfg`'s model (a ZeRO 0 RunConfig) on `micro_batch` sequences of
-    data.seq_len tokens. Returns {"phases": [{name, peak_bytes, peak_cuda_bytes, parts}],
-    "saved_total": bytes saved for backward by the last forward, "n_params", "param_elsize"}."""
+def simulate(cfg, micro_batch: int, bf16: bool, fake: bool = True) -> dict:
+    """Two training steps of `cfg`'s model (a ZeRO 0 RunConfig) on `micro_batch` sequences of data.seq_len
+    tokens; the first one's forward and backward are skipped (see the module docstring). Returns
+    {"phases": [{name, peak_bytes, peak_cuda_bytes, parts, cuda_parts}], "saved_total": bytes the forward
+    saved for backward, "n_params", "param_elsize"}."""
     if cfg.optim.name.startswith("galore") or cfg.optim.name == "adamw8bit":
         import bitsandbytes  # noqa: F401  (imported before tracking: an import makes module-level tensors)
     fake_mode = FakeTensorMode() if fake else contextlib.nullcontext()
@@ -114,23 +122,27 @@ def simulate(cfg, micro_batch: int, bf16: bool, fake: bool = True, steps: int = 
         for t in list(model.parameters()) + list(model.buffers()) + list(masters.values()):
             tracker.add(t)
         model.train()
-        saved_total = 0
-        for step in range(1, steps + 1):
-            parts.phase = f"step{step} forward"
-            tracker.phase(parts.phase)
-            with torch.autograd.graph.saved_tensors_hooks(parts.pack, lambda t: t):
-                loss = model(ids, labels=ids)
-            saved_total = tracker.parts()["saved_activations"][0]
-            parts.phase = f"step{step} backward"
-            tracker.phase(parts.phase)
-            loss.backward()
-            del loss
-            parts.phase = f"step{step} optimizer"
-            tracker.phase(parts.phase)
-            _optimizer_step(model, optimizer, masters)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        _phase(tracker, parts, "step1 optimizer")
+        _optimizer_step(model, optimizer, masters)
+        _phase(tracker, parts, "step2 forward")
+        with torch.autograd.graph.saved_tensors_hooks(parts.pack, lambda t: t):
+            loss = model(ids, labels=ids)
+        saved_total = tracker.parts()["saved_activations"][0]
+        _phase(tracker, parts, "step2 backward")
+        loss.backward()
+        del loss
+        _phase(tracker, parts, "step2 optimizer")
+        _optimizer_step(model, optimizer, masters)
         n_params = sum(p.numel() for p in model.parameters())
     phases = [{"name": name, "peak_bytes": rec["peak_bytes"], "peak_cuda_bytes": rec["peak_cuda_bytes"],
                "parts": {k: v[0] for k, v in rec["parts"].items()},
                "cuda_parts": {k: v[1] for k, v in rec["parts"].items()}}
               for name, rec in tracker.phases.items()]
     return {"phases": phases, "saved_total": saved_total, "n_params": n_params, "param_elsize": 2 if bf16 else 4}
+
+
+def _phase(tracker: MemoryTracker, parts: _Parts, name: str) -> None:
+    parts.phase = name
+    tracker.phase(name)

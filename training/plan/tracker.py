@@ -81,13 +81,14 @@ class MemoryTracker(TorchDispatchMode):
 
     def parts(self) -> dict:
         """{part: (bytes, CUDA-rounded bytes)} of what is live now."""
-        found = self.classify(set(self.live)) if self.classify else {}
+        live = set(self.live)
+        found = self.classify(live) if self.classify else {}
         out, named = {}, set()
         for part, ids in found.items():
-            ids = (ids & set(self.live)) - named
+            ids = (ids & live) - named
             named |= ids
             out[part] = (sum(self.live[k][1] for k in ids), sum(self.live[k][2] for k in ids))
-        rest = set(self.live) - named
+        rest = live - named
         out["temporaries"] = (sum(self.live[k][1] for k in rest), sum(self.live[k][2] for k in rest))
         return out
 
