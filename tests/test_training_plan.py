@@ -150,6 +150,7 @@ def test_command_line_json(capsys):
     (["--micro-batch", "x"], "--micro-batch 'x': expected comma-separated"),
     (["--gpu-gb", "-4"], "--gpu-gb '-4': expected comma-separated positive numbers"),
     (["--world-size", "0"], "--world-size: expected a positive integer, got 0"),
+    (["--markdown"], "--markdown prints the largest micro-batch per GPU size: add --gpu-gb"),
 ])
 def test_bad_planner_input_gives_one_line_errors(capsys, argv, fragment):
     from training.plan.cli import main
