@@ -3,7 +3,7 @@
 - `adamw`: torch.optim.AdamW, or DeepSpeed's own when the `deepspeed` section has an "optimizer" key.
 - `adamw8bit`: bitsandbytes' AdamW8bit: both moments in 8 bits, block-wise quantized (blocks of 256 with
   an fp32 scale each); tensors under 4096 elements keep fp32 moments. It runs on CPU and CUDA with the same
-  state layout (torchao's AdamW8bit needs torch.compile on CPU: 11.5 s for one 256 x 512 tensor here).
+  state layout (torchao's AdamW8bit compiles each parameter shape on CPU: docs/BENCHMARKS.md, "The memory planner").
 - `adafactor`: torch.optim.Adafactor at ZeRO 0. Under ZeRO 1-3, where DeepSpeed hands the optimizer flat
   tensors, training/zero_adafactor.py's ZeroAdafactor: the same maths with its second moment still
   factored (row and column statistics all-reduced across the ranks holding a matrix).
