@@ -21,11 +21,10 @@ import torch
 import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from compare_galore import state_bytes  # noqa: E402
 from training.distributed import free_port  # noqa: E402
+from training.plan import state_bytes  # noqa: E402
 
 MIB = 2 ** 20
 

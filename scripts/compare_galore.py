@@ -46,6 +46,7 @@ from training import cli  # noqa: E402
 from training.config import load_config, resolve_batch  # noqa: E402
 from training.errors import ConfigError  # noqa: E402
 from compare_runs import execute, read_log, score_heldout  # noqa: E402
+from training.plan import state_bytes  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 C4_SAMPLE = SHARED / "c4-sample" / "en"
@@ -90,6 +91,14 @@ METHODS = {
                                  [ALL, "model.loss_chunk_size=1024", "model.recompute_swiglu=true"]),
     "sr2_all_memopts": Method("sr2 all + loss_chunk_size + recompute_swiglu",
                               [ALL, "velora.codec=sr2", "model.loss_chunk_size=1024", "model.recompute_swiglu=true"]),
+    # The cheaper alternatives (issue 22): an 8-bit optimizer state, the optimizer offloaded by DeepSpeed
+    "adamw8bit": Method("8-bit AdamW (bitsandbytes)", ["optim.name=adamw8bit"]),
+    "zero_offload": Method("AdamW, optimizer state offloaded to the CPU (ZeRO-Offload, ZeRO 2)",
+                           ["deepspeed.zero_optimization.stage=2",
+                            'deepspeed.zero_optimization.offload_optimizer={"device":"cpu"}',
+                            "deepspeed.zero_force_ds_cpu_optimizer=false"]),
+    "adamw8bit_sr2_all": Method("8-bit AdamW + sr2 all", ["optim.name=adamw8bit", ALL, "velora.codec=sr2"]),
+    "galore_sr2_all": Method("GaLore AdamW + sr2 all", [ALL, "velora.codec=sr2"], galore=True),
     "sr2_velora_down_memopts": Method("sr2 for q/k/v + gate/up, VeLoRA down_proj + loss_chunk_size + recompute_swiglu",
                                       [ALL, "velora.codec=sr2", 'velora.codec_overrides={"down_proj":"velora"}',
                                        "model.loss_chunk_size=1024", "model.recompute_swiglu=true"]),
@@ -359,23 +368,6 @@ def _best_point(done: dict, method: str, seeds: list) -> tuple | None:
                          for (m, _, _, s), (r, rec) in done.items() if m == method and s in seeds], len(seeds))
     finite = {p: v for p, v in means.items() if math.isfinite(v)}
     return min(finite, key=finite.get) if finite else None
-
-
-def state_bytes(obj, seen: set) -> int:
-    """Bytes of every tensor reachable from an optimizer state (GaLore keeps its projector as an object)."""
-    if isinstance(obj, torch.Tensor):
-        key = obj.untyped_storage().data_ptr()
-        if key in seen:
-            return 0
-        seen.add(key)
-        return obj.untyped_storage().nbytes()
-    if isinstance(obj, dict):
-        return sum(state_bytes(v, seen) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(state_bytes(v, seen) for v in obj)
-    if hasattr(obj, "__dict__"):
-        return sum(state_bytes(v, seen) for v in vars(obj).values())
-    return 0
 
 
 def measure(run, measure_batch: int) -> dict:

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import REPO
 
-CONSOLE_SCRIPTS = ("velora-train", "velora-eval", "velora-export", "velora-memory")
+CONSOLE_SCRIPTS = ("velora-train", "velora-eval", "velora-export", "velora-memory", "velora-plan")
 
 
 @pytest.mark.slow

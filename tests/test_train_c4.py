@@ -72,10 +72,25 @@ def test_other_optimizers_run(tmp_path, name):
     assert sorted(loss) == [1, 2, 3, 4] and all(v == v for v in loss.values())
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["adamw8bit", "zero_offload"])
+def test_cheap_alternatives_train(tmp_path, method):
+    """The cheaper alternatives new in the comparison (8-bit AdamW, ZeRO-Offload) train through
+    train_c4.py with the very overrides scripts/compare_galore.py gives them, and resume from a checkpoint."""
+    from compare_galore import METHODS
+
+    sets = METHODS[method].sets
+    train(tmp_path / "run", *sets, "train.save_every=2", steps=2)
+    p = train(tmp_path / "run", *sets, "train.save_every=2", args=["--resume", "auto"], steps=4)
+    assert "final validation: ppl" in p.stdout
+    loss = losses(tmp_path / "run")
+    assert sorted(loss) == [1, 2, 3, 4] and all(v == v for v in loss.values())
+
+
 @pytest.mark.parametrize("sets, fragments", [
     (["deepspeed.train_batch_size=10"], ["deepspeed.train_batch_size=10 is not divisible by "
                                         "train_micro_batch_size_per_gpu=4 x world size 1"]),
-    (["optim.name=lion"], ["optim.name: expected one of adamw, adafactor, galore_adamw, galore_adafactor"]),
+    (["optim.name=lion"], ["optim.name: expected one of adamw, adamw8bit, adafactor, galore_adamw, galore_adafactor"]),
 ])
 def test_bad_run_configs_give_one_line_errors(tmp_path, sets, fragments):
     out = tmp_path / "run"

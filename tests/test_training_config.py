@@ -50,7 +50,7 @@ def test_wrong_type(tmp_path):
 def test_unknown_optimizer():
     with pytest.raises(ConfigError) as e:
         load_config(TINY, ["optim.name=sgd"])
-    assert "optim.name: expected one of adamw, adafactor, galore_adamw, galore_adafactor, got 'sgd'" in one_line(e)
+    assert "optim.name: expected one of adamw, adamw8bit, adafactor, galore_adamw, galore_adafactor, got 'sgd'" in one_line(e)
 
 
 @pytest.mark.parametrize("text", ["max_steps=3", "train.max_steps", ".max_steps=3", "train..x=1"])

@@ -21,11 +21,14 @@ from .errors import ConfigError, check_choice
 from .files import atomic_write_text
 
 
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "galore_adamw", "galore_adafactor")
+
+
 @dataclass
 class OptimConfig:
     """Optimizer and LR schedule. GaLore's knobs apply to galore_* optimizers only."""
 
-    name: str = "adamw"              # adamw | adafactor | galore_adamw | galore_adafactor
+    name: str = "adamw"              # adamw | adamw8bit | adafactor | galore_adamw | galore_adafactor
     lr: float = 0.01
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])
@@ -44,7 +47,7 @@ class OptimConfig:
     matrix_lr_scale: float = 1.0
 
     def __post_init__(self):
-        check_choice("optim.name", self.name, ("adamw", "adafactor", "galore_adamw", "galore_adafactor"))
+        check_choice("optim.name", self.name, OPTIMIZERS)
         check_choice("optim.scheduler", self.scheduler, ("cosine", "constant"))
         check_choice("optim.galore_proj_type", self.galore_proj_type, GALORE_PROJ_TYPES)
         _positive("optim.lr", self.lr)
@@ -302,7 +305,11 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}; sections: {', '.join(SECTIONS)}")
-    raw = apply_overrides(raw, list(overrides))
+    return config_from_dict(apply_overrides(raw, list(overrides)), where)
+
+
+def config_from_dict(raw: dict, where: str) -> RunConfig:
+    """A validated RunConfig from a dict of sections (`where` names its origin in messages)."""
     built = {name: _build_section(name, cls, raw.get(name, {}), where) for name, cls in SECTIONS.items()}
     cfg = RunConfig(**built, source=where)
     cfg.validate()

@@ -1,6 +1,9 @@
 """Optimizers for `optim.name` (the checks that must pass first are RunConfig.validate's).
 
 - `adamw`: torch.optim.AdamW, or DeepSpeed's own when the `deepspeed` section has an "optimizer" key.
+- `adamw8bit`: bitsandbytes' AdamW8bit: both moments in 8 bits, block-wise quantized (blocks of 256 with
+  an fp32 scale each); tensors under 4096 elements keep fp32 moments. It runs on CPU and CUDA with the same
+  state layout (torchao's AdamW8bit compiles each parameter shape on CPU: docs/BENCHMARKS.md, "The memory planner").
 - `adafactor`: torch.optim.Adafactor at ZeRO 0. Under ZeRO 1-3, where DeepSpeed hands the optimizer flat
   tensors, training/zero_adafactor.py's ZeroAdafactor: the same maths with its second moment still
   factored (row and column statistics all-reduced across the ranks holding a matrix).
@@ -63,6 +66,10 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> tuple[torch.optim
     if o.name == "adamw":
         opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                 weight_decay=o.weight_decay)
+    elif o.name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.AdamW8bit(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     elif o.name == "adafactor":
         factored = ZeroAdafactor if cfg.zero_stage >= 1 else torch.optim.Adafactor
         opt = factored(params, lr=o.lr, weight_decay=o.weight_decay)

@@ -1,0 +1,134 @@
+"""The `velora-plan` / `scripts/plan_memory.py` command: will a run fit, with which method, at which
+micro-batch? Every number comes from a fake-tensor training step on CPU (nothing allocated).
+
+    python scripts/plan_memory.py --config configs/llama_60m.json --methods full_rank,sr2_all --micro-batch 4 --json
+    velora-plan --config configs/llama_350m.json --methods all --gpu-gb 24,40,80
+    velora-plan --config configs/llama_60m.json configs/llama_1b.json --methods all --micro-batch 1 --gpu-gb 24,80 --markdown
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from .. import cli
+from ..errors import ConfigError
+from .methods import DTYPES, METHODS
+
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 0 for v in values):
+        raise ConfigError(f"{what} {text!r}: expected comma-separated non-negative integers, e.g. 1,4")
+    return values
+
+
+def _numbers(text: str, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ConfigError(f"{what} {text!r}: expected comma-separated positive numbers of GiB, e.g. 24,40,80")
+    return values
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog=cli.prog(), description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--config", required=True, nargs="+", help="run config JSON(s)")
+    p.add_argument("--methods", default="full_rank", help="comma-separated, or 'all': " + ", ".join(METHODS))
+    p.add_argument("--micro-batch", default="", help="micro-batch(es) per GPU, e.g. 1,4 (default: the config's)")
+    p.add_argument("--zero-stage", default="", help="ZeRO stage(s) 0-2, e.g. 0,2 (default: the config's)")
+    p.add_argument("--world-size", type=int, default=1, help="GPUs (data-parallel ranks) sharing ZeRO's partitions")
+    p.add_argument("--dtype", choices=DTYPES, help="default: bf16 when the config's deepspeed.bf16 is enabled")
+    p.add_argument("--gpu-gb", help="GPU memory in GiB (comma-separated): print the largest micro-batch that fits")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--markdown", action="store_true", help="print the --gpu-gb fits as one Markdown table")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p.parse_args(argv)
+
+
+def _table(plans: list) -> str:
+    keys = sorted({k for p in plans for k in p["parts"]}, key=lambda k: list(plans[0]["parts"]).index(k)
+                  if k in plans[0]["parts"] else 99)
+    head = ["method", "ZeRO", "batch", "peak MiB", "GPU alloc MiB", "host MiB"] + [k.replace("_", " ") for k in keys]
+    rows = [[p["method"], str(p["zero_stage"]), str(p["micro_batch"]), f"{p['peak_bytes'] / 2**20:.1f}",
+             f"{p['cuda']['max_memory_allocated'] / 2**20:.1f}", f"{p['host_bytes'] / 2**20:.1f}"]
+            + [f"{p['parts'].get(k, 0) / 2**20:.1f}" for k in keys] for p in plans]
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head] + rows)
+
+
+def plan_config(path: str, args, methods: list) -> tuple[dict, list]:
+    """Every requested plan (and fit) for one config: (the JSON object, the plans in table order)."""
+    from ..config import load_config
+    from .fit import fit_table              # the training stack, imported after --help has had its chance
+    from .plan import plan_memory
+
+    cfg = load_config(path)
+    stages = _ints(args.zero_stage, "--zero-stage") if args.zero_stage else [cfg.zero_stage]
+    batches = _ints(args.micro_batch, "--micro-batch") if args.micro_batch else [
+        cfg.deepspeed.get("train_micro_batch_size_per_gpu", 1)]
+    dtype = args.dtype or ("bf16" if cfg.bf16 else "fp32")
+    out = {"config": path, "dtype": dtype, "world_size": args.world_size, "seq_len": cfg.data.seq_len,
+           "predicted": "fake-tensor step on CPU; cuda.* adds the stated GPU corrections", "methods": {}}
+    plans = []
+    for m in methods:
+        per = [plan_memory(cfg, m, b, z, args.world_size, dtype) for z in stages for b in batches]
+        plans += per
+        out["methods"][m] = per[0] if len(per) == 1 else per
+    if args.gpu_gb:
+        gbs = _numbers(args.gpu_gb, "--gpu-gb")
+        known = {(p["method"], z, p["micro_batch"]): p for p, z in zip(plans, [z for _ in methods for z in stages
+                                                                                for _ in batches])}
+        out["largest_micro_batch"] = {z: fit_table(cfg, methods, gbs, z, args.world_size, dtype, known)
+                                      for z in stages}
+    return out, plans
+
+
+def _markdown(results: list, methods: list) -> str:
+    """One row per method, one column per (config, GPU size): the largest micro-batch (first ZeRO stage)."""
+    cols = [(out["config"], gb) for out in results for gb in next(iter(out["largest_micro_batch"].values()))[methods[0]]]
+    lines = ["| method | " + " | ".join(f"{Path(c).stem.removeprefix('llama_')} {gb:g} GiB" for c, gb in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for m in methods:
+        cells = [str(next(iter(out["largest_micro_batch"].values()))[m][gb]) for out in results
+                 for gb in next(iter(out["largest_micro_batch"].values()))[m]]
+        lines.append(f"| {METHODS[m][0]} (`{m}`) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run(argv) -> int:
+    args = parse_args(argv)
+    methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)} (or 'all')")
+    if args.markdown and not args.gpu_gb:
+        raise ConfigError("--markdown prints the largest micro-batch per GPU size: add --gpu-gb, e.g. --gpu-gb 24,40,80")
+    results = [plan_config(path, args, methods) for path in args.config]
+    if args.json:
+        print(json.dumps(results[0][0] if len(results) == 1 else {"configs": [out for out, _ in results]}))
+        return 0
+    if args.markdown:
+        print(_markdown([out for out, _ in results], methods))
+        return 0
+    for out, plans in results:
+        print(f"PREDICTED (fake-tensor step on CPU): {out['config']}, seq {out['seq_len']}, {out['dtype']}, "
+              f"world size {args.world_size}\n" + _table(plans))
+        for z, table in out.get("largest_micro_batch", {}).items():
+            print(f"\nlargest micro-batch that fits, ZeRO {z} (0 = not even 1):")
+            for m, row in table.items():
+                print(f"  {m:<20}" + "  ".join(f"{gb:g} GiB: {b}" for gb, b in row.items()))
+    return 0
+
+
+def main(argv=None) -> int:
+    """The `velora-plan` / `scripts/plan_memory.py` command."""
+    return cli.run(run, cli.prog(), argv)
