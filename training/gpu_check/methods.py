@@ -65,7 +65,12 @@ class Size:
 
 
 def planned_peak(run_config: RunConfig, micro_batch: int) -> int | None:
-    """The memory planner's prediction of one training step's peak bytes for `run_config` at `micro_batch`
-    (issue 22: `training.plan.plan_memory(...)["peak_bytes"]`). Not wired yet: returns None, and the
-    tables print n/a in the "planned peak" column."""
-    return None
+    """The memory planner's prediction of `torch.cuda.max_memory_allocated` for one training step of
+    `run_config` (the method's overrides already applied) at `micro_batch` on one GPU; None where the planner
+    does not model the setting (ZeRO 3)."""
+    from training.plan.plan import plan_memory       # the planner's fake-tensor stack, only when asked
+    stage = int(run_config.deepspeed.get("zero_optimization", {}).get("stage", 0))
+    if stage == 3:
+        return None
+    plan = plan_memory(run_config, "full_rank", micro_batch, stage, 1, "bf16" if run_config.bf16 else "fp32")
+    return plan["cuda"]["max_memory_allocated"]
