@@ -27,6 +27,12 @@ class DataConfig:
     # BOS at the start of every document: true | false | auto (true for concat, LLaMA's convention; false
     # for galore, faithful to GaLore's T5 pipeline, which has none). BOS is never a training target.
     add_bos: bool | str = "auto"
+    pad_id: int = -1                 # the id that fills rows (always masked): -1 = the tokenizer's pad id, else EOS
+    # A JSON file that fixes the document order (the official reference's batches.json): `train_order` lists
+    # the training documents as 0-based line numbers of the train split (its shards' lines counted in name
+    # order), replayed batch after batch in that order; `val_order`, when present, the validation documents.
+    # galore packing only (one row per document); the run ends when the order does.
+    doc_order: str = ""
 
     def __post_init__(self):
         check_choice("data.source", self.source, ("builtin", "c4", "local"), DataError)
@@ -49,6 +55,13 @@ class DataConfig:
                             f"(it is created when missing)")
         if self.add_bos not in (True, False, "auto"):
             raise DataError(f"data.add_bos: expected true, false or auto, got {self.add_bos!r}")
+        if not isinstance(self.pad_id, int) or self.pad_id < -1:
+            raise DataError(f"data.pad_id: expected a token id >= 0, or -1 for the tokenizer's own, got {self.pad_id!r}")
+        if self.doc_order and self.packing != "galore":
+            raise DataError(f"data.doc_order: replays documents one row each, so it needs data.packing=galore "
+                            f"(got {self.packing})")
+        if self.doc_order and self.num_workers:
+            raise DataError("data.doc_order: the fixed order is read in the main process; set data.num_workers=0")
         if not 0.0 <= self.max_bad_fraction < 1.0:
             raise DataError(f"data.max_bad_fraction: expected a value in [0, 1), got {self.max_bad_fraction}")
 

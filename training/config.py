@@ -78,6 +78,9 @@ class TrainConfig:
     keep_last: int = 3
     seed: int = 42
     eval_batch_size: int = 0         # 0: the micro-batch size
+    # Start from these weights instead of seeded random ones: a safetensors file with plain LLaMA names, or a
+    # directory holding model.safetensors (an exported final/). A resumed run takes its checkpoint's instead.
+    init_from: str = ""
 
     def __post_init__(self):
         for name in ("max_steps", "eval_every", "save_every", "log_every", "keep_last"):
