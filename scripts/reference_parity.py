@@ -81,9 +81,10 @@ def check_reference(reference: Path, method: str, updates: int) -> dict:
     return run
 
 
-def run_updates(cfg: RunConfig, updates: int, validate: bool, on_update=None):
+def run_updates(cfg: RunConfig, updates: int, validate: bool, on_update=None, save: Path | None = None):
     """Train `cfg` for `updates` updates the way the trainer does; returns (per-update losses, our
-    validation as `training.evaluate.evaluate` reports it, or None). `on_update(k, loss, lr)` after each."""
+    validation as `training.evaluate.evaluate` reports it, or None). `on_update(k, loss, lr)` after each;
+    `save`: write the final weights there (safetensors, plain LLaMA names: a `train.init_from`)."""
     import torch
 
     from data import TrainBatches, load_tokenizer, validation_batches
@@ -109,6 +110,11 @@ def run_updates(cfg: RunConfig, updates: int, validate: bool, on_update=None):
         losses.append(loss)
         if on_update:
             on_update(k, loss, lr)
+    if save is not None:
+        from safetensors.torch import save_file
+
+        from velora import strip_state_dict
+        save_file({k: v.contiguous() for k, v in strip_state_dict(engine.module.state_dict()).items()}, str(save))
     val = evaluate(engine.module, validation_batches(cfg.data, tokenizer, 16)) if validate else None
     return losses, val
 
@@ -119,6 +125,7 @@ def parse_args(argv=None):
     p.add_argument("--method", required=True, choices=list(METHODS))
     p.add_argument("--updates", type=int, default=30, help="updates 1-N to compare (the reference has 301)")
     p.add_argument("--validate", action="store_true", help="score the validation documents after the updates")
+    p.add_argument("--save", type=Path, metavar="FILE", help="write the final weights here (safetensors)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="an override on top of the reference's setup (to test what matters)")
     return p.parse_args(argv)
@@ -137,7 +144,7 @@ def main(argv=None) -> None:
         print(f"{k:>6} {lr:>10.3e} {loss:>10.6f} {ref[k - 1]:>10.6f} {abs(loss - ref[k - 1]):>9.2e} "
               f"{time.perf_counter() - t0:>6.0f}", flush=True)
 
-    losses, val = run_updates(cfg, args.updates, args.validate, show)
+    losses, val = run_updates(cfg, args.updates, args.validate, show, args.save)
     if val is not None:
         mean_of_means = val["galore_loss"] * (val["batches"] + 1) / val["batches"]
         print(f"validation after update {args.updates}: mean of batch means {mean_of_means:.6f} (reference "
