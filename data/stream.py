@@ -23,6 +23,9 @@ rows already seen: the resumed run continues with exactly the next unseen row.
 
 Epochs. When a reader has read its part of the train split it starts the next epoch (shard order
 and chunk shuffles reseeded with seed + epoch); `data.epochs` > 0 stops after that many.
+
+A fixed order (`data.doc_order`, data/order.py) replaces all of this: the listed documents, batch after
+batch, dealt to ranks by micro-batch, one row each; the position is the number of micro-batches consumed.
 """
 from __future__ import annotations
 
@@ -266,8 +269,9 @@ class TrainBatches:
 
 def validation_batches(cfg: DataConfig, tokenizer, batch_size: int, rank: int = 0, world_size: int = 1) -> list:
     """This rank's share of the fixed validation slice: the first `cfg.val_tokens` tokens of the
-    validation split (shards by name, documents in file order, packed as in training), rows dealt
-    round-robin to ranks, in batches of `batch_size` (the last one may be smaller)."""
+    validation split (shards by name, documents in file order, or in the `val_order` of `data.doc_order`
+    when it has one; packed as in training), rows dealt round-robin to ranks, in batches of `batch_size`
+    (the last one may be smaller)."""
     shards = split_shards(cfg, "validation")
     order = read_doc_order(cfg, "validation") if cfg.doc_order else None
     if order is not None:
