@@ -96,7 +96,8 @@ def run_updates(cfg: RunConfig, updates: int, validate: bool, on_update=None, sa
     dist = init_distributed()
     seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.data, cfg.model.vocab_size)
-    batches = iter(TrainBatches(cfg.data, tokenizer, 16))
+    micro = cfg.deepspeed["train_micro_batch_size_per_gpu"]      # 16, no accumulation: the reference's batch
+    batches = iter(TrainBatches(cfg.data, tokenizer, micro))
     model, _ = build_model(cfg)
     engine, _ = build_engine(model, cfg)
     step, losses = OptimizerStep(engine, batches, 1, dist), []
@@ -114,8 +115,10 @@ def run_updates(cfg: RunConfig, updates: int, validate: bool, on_update=None, sa
         from safetensors.torch import save_file
 
         from velora import strip_state_dict
-        save_file({k: v.contiguous() for k, v in strip_state_dict(engine.module.state_dict()).items()}, str(save))
-    val = evaluate(engine.module, validation_batches(cfg.data, tokenizer, 16)) if validate else None
+        tmp = save.with_name(save.name + ".tmp")     # never a half-written file under the name asked for
+        save_file({k: v.contiguous() for k, v in strip_state_dict(engine.module.state_dict()).items()}, str(tmp))
+        tmp.replace(save)
+    val = evaluate(engine.module, validation_batches(cfg.data, tokenizer, micro)) if validate else None
     return losses, val
 
 
