@@ -38,6 +38,12 @@ class DataConfig:
     # BOS at the start of every document: true | false | auto (true for concat, LLaMA's convention; false
     # for galore, faithful to GaLore's T5 pipeline, which has none). BOS is never a training target.
     add_bos: bool | str = "auto"
+    pad_id: int = -1                 # the id that fills rows (always masked): -1 = the tokenizer's pad id, else EOS
+    # A JSON file that fixes the document order (the official reference's batches.json): `train_order` lists
+    # the training documents as 0-based line numbers of the train split (its shards' lines counted in name
+    # order), replayed batch after batch in that order; `val_order`, when present, the validation documents.
+    # galore packing only (one row per document); the run ends when the order does.
+    doc_order: str = ""
 
     def __post_init__(self):
         check_choice("data.source", self.source, ("builtin", "c4", "local"), DataError)
@@ -64,6 +70,13 @@ class DataConfig:
                             f"(it is created when missing)")
         if self.add_bos not in (True, False, "auto"):
             raise DataError(f"data.add_bos: expected true, false or auto, got {self.add_bos!r}")
+        if not isinstance(self.pad_id, int) or self.pad_id < -1:
+            raise DataError(f"data.pad_id: expected a token id >= 0, or -1 for the tokenizer's own, got {self.pad_id!r}")
+        if self.doc_order and self.packing != "galore":
+            raise DataError(f"data.doc_order: replays documents one row each, so it needs data.packing=galore "
+                            f"(got {self.packing})")
+        if self.doc_order and self.num_workers not in (0, "auto"):
+            raise DataError("data.doc_order: the fixed order is read in the main process; set data.num_workers=0")
         if not 0.0 <= self.max_bad_fraction < 1.0:
             raise DataError(f"data.max_bad_fraction: expected a value in [0, 1), got {self.max_bad_fraction}")
 
@@ -77,7 +90,8 @@ class DataConfig:
         if self.pin_memory is True and not cuda:
             raise DataError("data.pin_memory=true: page-locked memory is for copies to a GPU and this run has none; "
                             "set data.pin_memory=auto (or false)")
-        workers = (AUTO_WORKERS_CUDA if cuda else 0) if self.num_workers == "auto" else self.num_workers
+        workers = (0 if self.doc_order else AUTO_WORKERS_CUDA if cuda else 0) if self.num_workers == "auto" \
+            else self.num_workers
         return workers, cuda if self.pin_memory == "auto" else self.pin_memory
 
     @property

@@ -24,6 +24,9 @@ rows already seen: the resumed run continues with exactly the next unseen row.
 
 Epochs. When a reader has read its part of the train split it starts the next epoch (shard order
 and chunk shuffles reseeded with seed + epoch); `data.epochs` > 0 stops after that many.
+
+A fixed order (`data.doc_order`, data/order.py) replaces all of this: the listed documents, batch after
+batch, dealt to ranks by micro-batch, one row each; the position is the number of micro-batches consumed.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.config import DataConfig
 from training.errors import DataError
+from data.order import ordered_records, read_doc_order
 from data.packing import IGNORE, pack_concat, pack_galore
 from data.sources import check_bad_fraction, parse_record, split_shards
 
@@ -67,7 +71,7 @@ def pack_chunk(cfg: DataConfig, tokenizer, lines: list, shuffle_key: str | None)
         return (), (), counts
     if cfg.packing == "galore":
         counts["truncated_docs"] += sum(len(d) >= cfg.seq_len for d in ids)
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    pad = cfg.pad_id if cfg.pad_id >= 0 else tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     pack = pack_galore if cfg.packing == "galore" else pack_concat
     if cfg.bos:
         ids = [[tokenizer.bos_id] + d for d in ids]
@@ -142,6 +146,27 @@ def _slot_batches(cfg: DataConfig, tokenizer, shards: list, batch_size: int, ran
     yield None, None, slot, dict(pos), dict(stats)  # a finite stream's final position and counts
 
 
+def _ordered_rows(cfg: DataConfig, tokenizer, records: list):
+    inputs, labels, _ = pack_chunk(cfg, tokenizer, records, None)
+    yield from zip(inputs, labels)
+
+
+def replay_batches(cfg: DataConfig, tokenizer, shards: list, batch_size: int, rank: int, world_size: int,
+                   start: int, pos: dict, stats: Counter):
+    """`data.doc_order`'s training batches, in `_slot_batches`' form: micro-batch i of this rank holds the
+    documents (i x world_size + rank) x batch_size onwards of `train_order`, one row each; from micro-batch
+    `start` on (a resumed run's)."""
+    records = ordered_records(shards, read_doc_order(cfg, "train"), "train")
+    i = start
+    while chunk := records[(i * world_size + rank) * batch_size:(i * world_size + rank + 1) * batch_size]:
+        inputs, labels, counts = pack_chunk(cfg, tokenizer, chunk, None)
+        stats.update(counts)
+        i += 1
+        pos.update(row=i * batch_size)
+        yield torch.from_numpy(inputs), torch.from_numpy(labels), 0, dict(pos), dict(stats)
+    yield None, None, 0, dict(pos), dict(stats)
+
+
 class _Slots(IterableDataset):
     """DataLoader worker w serves reader slot (first + w) mod K, so a resumed loader keeps the order.
     (It holds copies, not the TrainBatches: a reference cycle would stall the workers' shutdown.)"""
@@ -188,7 +213,9 @@ class TrainBatches:
         if self._it is None:
             args = (self.cfg, self.tokenizer, self.shards, self.batch_size, self.rank, self.world_size, self.slots)
             positions, stats = [dict(p) for p in self._pos], [Counter(s) for s in self._stats]
-            if self.workers == 0:
+            if self.cfg.doc_order:
+                self._it = replay_batches(*args[:-1], self._consumed, positions[0], stats[0])
+            elif self.workers == 0:
                 self._it = _slot_batches(*args, 0, positions[0], stats[0])
             else:
                 # A worker tokenizes a whole chunk before its first row; batches of about two chunks queued
@@ -221,7 +248,8 @@ class TrainBatches:
     def _fingerprint(self) -> dict:
         c = self.cfg
         return {"source": c.source, "path": c.path, "seq_len": c.seq_len, "packing": c.packing, "seed": c.seed,
-                "bos": c.bos,
+                "bos": c.bos, **({"pad_id": c.pad_id} if c.pad_id >= 0 else {}),
+                **({"doc_order": c.doc_order} if c.doc_order else {}),
                 "shuffle_buffer": c.shuffle_buffer, "vocab_size": self.tokenizer.vocab_size,
                 "world_size": self.world_size, "num_workers": self.workers, "batch_size": self.batch_size}
 
@@ -252,14 +280,20 @@ class TrainBatches:
 def validation_batches(cfg: DataConfig, tokenizer, batch_size: int, rank: int = 0, world_size: int = 1,
                        split: str = "validation") -> list:
     """This rank's share of the fixed validation slice: `cfg.val_tokens` tokens of the validation split
-    after its first `cfg.val_skip_tokens` (shards by name, documents in file order, packed as in training;
-    the slice starts at the first sequence past the skipped tokens), rows dealt round-robin to ranks, in
-    batches of `batch_size` (the last one may be smaller). `split="all"`: every document of a single file
-    (one held out from training altogether) instead of its validation split."""
+    after its first `cfg.val_skip_tokens` (shards by name, documents in file order, or in the `val_order` of
+    `data.doc_order` when it has one; packed as in training; the slice starts at the first sequence past the
+    skipped tokens), rows dealt round-robin to ranks, in batches of `batch_size` (the last one may be
+    smaller). `split="all"`: every document of a single file (one held out from training altogether)
+    instead of its validation split."""
     shards = split_shards(cfg, split)
+    order = read_doc_order(cfg, "validation") if cfg.doc_order and split == "validation" else None
+    if order is not None:
+        source = _ordered_rows(cfg, tokenizer, ordered_records(shards, order, "validation"))
+    else:
+        source = read_rows(cfg, tokenizer, shards, 0, 1, _start_pos(), Counter(), VAL_CHUNK_DOCS, shuffle=False,
+                           epochs=1)
     rows, skipped, tokens = [], 0, 0
-    for inputs, labels in read_rows(cfg, tokenizer, shards, 0, 1, _start_pos(), Counter(), VAL_CHUNK_DOCS,
-                                    shuffle=False, epochs=1):
+    for inputs, labels in source:
         if tokens >= cfg.val_tokens:
             break
         n = int((labels != IGNORE).sum())

@@ -138,6 +138,9 @@ def load_tokenizer(cfg: DataConfig, vocab_size: int) -> Tokenizer:
         tok = Tokenizer(path)
     if cfg.bos and tok.bos_id is None:
         raise DataError(f"data.add_bos: {tok.name} has no BOS token to start documents with; set data.add_bos=false")
+    if cfg.pad_id >= tok.vocab_size:
+        raise DataError(f"data.pad_id={cfg.pad_id} is not a token of {tok.name} ({tok.vocab_size} tokens); use a "
+                        f"smaller id, or -1 for the tokenizer's own")
     if tok.vocab_size > vocab_size:
         raise DataError(f"data.tokenizer: {tok.name} has {tok.vocab_size} tokens but model.vocab_size is "
                         f"{vocab_size}; raise model.vocab_size or use a smaller tokenizer")

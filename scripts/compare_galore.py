@@ -161,7 +161,9 @@ PRESETS = {
         "data.val_tokens=10000000", "deepspeed.train_batch_size=16", "deepspeed.train_micro_batch_size_per_gpu=16",
         "deepspeed.bf16.enabled=false", "optim.weight_decay=0.0", "deepspeed.gradient_clipping=0.0",
         "optim.warmup_ratio=0.1", "optim.min_lr_ratio=0.1", "train.max_steps=300",
-        'velora.sub_token_overrides={"v_proj":8,"down_proj":16}'],
+        'velora.sub_token_overrides={"v_proj":8,"down_proj":16}',
+        # what update-by-update parity showed the official codes do (scripts/reference_parity.py, issue 21)
+        "data.add_bos=true", "data.pad_id=0", "velora.coef_dtype=float16", "velora.grad_scale=1.5"],
         ["full_rank", "velora_paper", "galore"], lrs={"full_rank": 1e-3, "velora_paper": 1e-3, "galore": 1e-2},
         galore={"rank": 64, "update_proj_gap": 50}, evals=6),
 }

@@ -239,3 +239,56 @@ def test_codecs_run_under_fake_tensor_mode(codec):
             x = torch.randn(N, D, requires_grad=True)
             layer(x).sum().backward()
         assert layer.weight.grad.shape == (OUT, D)
+
+
+class _OfficialVeLoRA(torch.autograd.Function):
+    """The official VeLoRA backward (roymiles/VeLoRA velora.py), written out independently: x̂ = z v in
+    float16, a per-sequence float16 grad_yᵀ x̂ times the scale, returned with a batch dimension that
+    autograd sums away in float16."""
+
+    @staticmethod
+    def forward(ctx, x, weight, z, v, scale):
+        ctx.scale, ctx.shape = scale, x.shape
+        ctx.save_for_backward(z, v)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        z, v = ctx.saved_tensors
+        x_hat = torch.einsum("h, r s -> h s", z, v).view(ctx.shape)
+        grad_w = torch.matmul(torch.transpose(grad_y.to(x_hat.dtype), 1, 2), x_hat)
+        return None, ctx.scale * grad_w, None, None, None
+
+
+def test_float16_coefficients_and_grad_scale_follow_the_official_code_bitwise():
+    b, t, d, out, m = 3, 10, 48, 20, 8
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(b, t, d, generator=g) + 0.5
+    weight = torch.randn(out, d, generator=g) * 0.1
+    gy = torch.randn(b, t, out, generator=g) * 1e-4      # small, as a mean loss's gradients are
+    x16 = x.to(torch.float16).view(-1, m)
+    v16 = F.normalize(x16.mean(0), p=2, dim=-1).unsqueeze(0)
+    w_ref = weight.clone().requires_grad_(True)
+    _OfficialVeLoRA.apply(x, w_ref, torch.einsum("h s, r s -> h", x16, v16), v16, 1.5).backward(gy)
+
+    layer = VeLoRALinear(d, out, sub_token_size=m, coef_dtype="float16", grad_scale=1.5)
+    layer.weight.data.copy_(weight)
+    layer(x).backward(gy)
+    assert torch.equal(layer.v, v16.float())
+    assert torch.equal(layer.weight.grad, w_ref.grad)
+
+
+def test_grad_scale_scales_the_velora_weight_gradient():
+    x, gy = _data()
+    grads = [_grad(_layer("velora", grad_scale=s), x, gy)[1] for s in (1.0, 1.5)]
+    torch.testing.assert_close(grads[1], 1.5 * grads[0], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"targets": "all", "codec": "sr2", "grad_scale": 1.5}, "velora.grad_scale=1.5 applies to the velora codec"),
+    ({"targets": "all", "codec": "sr2", "coef_dtype": "float16"}, "velora.coef_dtype=float16 applies"),
+    ({"targets": "paper", "grad_scale": 0.0}, "velora.grad_scale: must be positive"),
+])
+def test_official_options_are_velora_only(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        VeLoRAConfig(**kwargs)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,9 +23,34 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def load_initial_weights(model: LlamaForCausalLM, path: str) -> None:
+    """Overwrite `model`'s weights with those in `path` (`train.init_from`): a safetensors file with plain
+    LLaMA names, or a directory holding model.safetensors. A one-line CheckpointError when it is missing or
+    does not fit the model."""
+    from .errors import CheckpointError
+    from .export import plain_state_dict
+    from .layout import WEIGHTS
+    from .load import read_safetensors
+
+    file = Path(path)
+    if file.is_dir():
+        file = file / WEIGHTS
+    if not file.is_file():
+        raise CheckpointError(f"train.init_from: {file} does not exist; point it at a .safetensors file or an "
+                              f"exported final/ directory")
+    try:
+        state = plain_state_dict(read_safetensors(file), model.config, str(file))
+    except CheckpointError as e:
+        raise CheckpointError(f"train.init_from: {e}") from None
+    model.load_state_dict(state)
+
+
 def build_model(cfg: RunConfig):
-    """The LLaMA model with VeLoRA applied when enabled; returns (model, VeLoRA summary or None)."""
+    """The LLaMA model (from `train.init_from` when set) with VeLoRA applied when enabled; returns
+    (model, VeLoRA summary or None)."""
     model = LlamaForCausalLM(cfg.model)
+    if cfg.train.init_from:
+        load_initial_weights(model, cfg.train.init_from)
     if not cfg.velora.enabled:
         return model, None
     from velora import apply_velora

@@ -87,6 +87,9 @@ class TrainConfig:
     # and committing a checkpoint (fsync, rename, prune). 5 min covers both at llama_1b on a local disk and
     # stays far below torch's defaults (30 min gloo, 10 min NCCL); raise it for slow network filesystems.
     collective_timeout_s: float = 300.0
+    # Start from these weights instead of seeded random ones: a safetensors file with plain LLaMA names, or a
+    # directory holding model.safetensors (an exported final/). A resumed run takes its checkpoint's instead.
+    init_from: str = ""
 
     def __post_init__(self):
         for name in ("max_steps", "eval_every", "save_every", "log_every", "keep_last", "collective_timeout_s"):

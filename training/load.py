@@ -71,7 +71,8 @@ def resolve_checkpoint(path) -> CheckpointSource:
                           f"or a DeepSpeed checkpoint directory")
 
 
-def _read_safetensors(file: Path) -> dict:
+def read_safetensors(file: Path) -> dict:
+    """The tensors of a safetensors file; a one-line CheckpointError when it cannot be read."""
     from safetensors.torch import load_file
     try:
         return load_file(file)
@@ -167,7 +168,7 @@ def load_source(src: CheckpointSource, device="cpu", trust: bool = False, allow_
     run_config = _read_run_config(src.config_file)
     if src.kind == "safetensors":
         weights_file = src.dir / WEIGHTS
-        state = _read_safetensors(weights_file)
+        state = read_safetensors(weights_file)
     else:
         weights_file = src.dir
         state = deepspeed_state_dict(src.dir, trust)

@@ -74,8 +74,9 @@ def _group_codec(cfg: VeLoRAConfig, chosen: list, first: nn.Linear, index: int) 
     # velora's `random` init keeps its seed rule (seed + group index); the random codecs mix both.
     seed = cfg.seed + index if name == "velora" else mix_seed(cfg.seed, index)
     return make_codec(name, first.in_features, sub_token_size=cfg.sub_token_for(by_m[0], first.in_features),
-                      rank=cfg.rank, init=cfg.init, coef_dtype=cfg.coef_dtype, group_size=cfg.group_size,
-                      refresh_every=cfg.refresh_every, seed=seed, fused=cfg.fused, device=first.weight.device)
+                      rank=cfg.rank, init=cfg.init, coef_dtype=cfg.coef_dtype, grad_scale=cfg.grad_scale,
+                      group_size=cfg.group_size, refresh_every=cfg.refresh_every, seed=seed, fused=cfg.fused,
+                      device=first.weight.device)
 
 
 def apply_velora(model: nn.Module, cfg: VeLoRAConfig):

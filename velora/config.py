@@ -18,6 +18,7 @@ PAPER_SUB_TOKENS_DEFAULT = 64
 # onto a fixed v; x itself at k bits with stochastic rounding; a random sign / Gaussian vector per
 # token and sub-token; principal directions of the whole input plus a random sketch of the rest.
 CODECS = ("velora", "sr2", "sr4", "sr8", "rademacher", "gaussian", "pca")
+COEF_DTYPES = ("compute", "int8", "float16")
 INIT_RULES = ("batch_average_once", "batch_average", "random")
 # Named settings (`velora.setting`): targets and codecs in one word. `sr2_all` is the recommended one
 # (every input but o_proj's kept at 2 bits with stochastic rounding: unbiased, full-rank weight gradients);
@@ -86,8 +87,11 @@ class VeLoRAConfig:
       attention-width input, 86 per MLP-width input). `sub_token_overrides`: per-projection M.
     rank: r vectors per sub-token (1 in the paper); `pca` keeps ceil(r * D / (2M)) principal directions.
     init: how `velora` sets v: `batch_average_once` | `batch_average` | `ema:<decay>` | `random`.
-    coef_dtype: `compute` (the dtype autocast or the weights compute in) or `int8` (per-row scale; the
-      `velora` codec only).
+    coef_dtype: `compute` (the dtype autocast or the weights compute in), `int8` (per-row scale) or
+      `float16` (the official VeLoRA code's arithmetic, its `fp16=True`: v from the float16 mean of the
+      first batch, z in float16, and grad_W per sequence in float16 before the batch sum); `velora` only.
+    grad_scale: the weight gradient of every compressed projection is multiplied by this (the official
+      code's `--velora_scale`; its C4 recipe uses 1.5); `velora` only.
     group_size: elements per scale/offset group of `sr<k>`.
     refresh_every: training forwards between `pca`'s recomputations of its principal directions.
     seed: seeds `random` init and the random codecs (with the layer, the rank and the forward count).
@@ -105,6 +109,7 @@ class VeLoRAConfig:
     rank: int = 1
     init: str = "batch_average_once"
     coef_dtype: str = "compute"
+    grad_scale: float = 1.0
     group_size: int = 128
     refresh_every: int = 200
     seed: int = 0
@@ -130,13 +135,15 @@ class VeLoRAConfig:
         _positive_int("velora.rank", self.rank)
         _positive_int("velora.group_size", self.group_size)
         _positive_int("velora.refresh_every", self.refresh_every)
-        if self.coef_dtype not in ("compute", "int8"):
-            raise ValueError(f"velora.coef_dtype: expected 'compute' or 'int8', got {self.coef_dtype!r}")
-        if self.coef_dtype == "int8":
-            others = sorted({self.codec_for(t) for t in self.target_list} - {"velora"})
-            if others:
-                raise ValueError(f"velora.coef_dtype=int8 applies to the velora codec only, but the targets use "
-                                 f"{', '.join(others)}; set velora.coef_dtype=compute")
+        if self.coef_dtype not in COEF_DTYPES:
+            raise ValueError(f"velora.coef_dtype: expected one of {', '.join(COEF_DTYPES)}, got {self.coef_dtype!r}")
+        if not (isinstance(self.grad_scale, (int, float)) and 0 < self.grad_scale < float("inf")):
+            raise ValueError(f"velora.grad_scale: must be positive, got {self.grad_scale!r}")
+        others = sorted({self.codec_for(t) for t in self.target_list} - {"velora"})
+        for key, value, default in (("coef_dtype", self.coef_dtype, "compute"), ("grad_scale", self.grad_scale, 1.0)):
+            if value != default and others:
+                raise ValueError(f"velora.{key}={value} applies to the velora codec only, but the targets use "
+                                 f"{', '.join(others)}; set velora.{key}={default}")
         for name in self.target_list:
             m = self.sub_token_overrides.get(name, self.sub_token_size)
             if m and self.rank > m and self.codec_for(name) in ("velora", "rademacher", "gaussian"):

@@ -21,16 +21,17 @@ class VeLoRALinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, sub_token_size: int = 0,
                  rank: int = 1, init: str = "batch_average_once", coef_dtype: str = "compute", seed: int = 0,
-                 codec: str = "velora", group_size: int = 128, refresh_every: int = 200, fused="auto", device=None,
-                 dtype=None):
+                 codec: str = "velora", group_size: int = 128, refresh_every: int = 200, grad_scale: float = 1.0,
+                 fused="auto", device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
         self.codec = make_codec(codec, in_features, sub_token_size=sub_token_size or math.ceil(in_features / 64),
-                                rank=rank, init=init, coef_dtype=coef_dtype, group_size=group_size,
-                                refresh_every=refresh_every, seed=seed, fused=fused, device=device)
+                                rank=rank, init=init, coef_dtype=coef_dtype, grad_scale=grad_scale,
+                                group_size=group_size, refresh_every=refresh_every, seed=seed, fused=fused,
+                                device=device)
 
     def reset_parameters(self):
         """nn.Linear's default initialisation."""

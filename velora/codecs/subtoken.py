@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..config import parse_init
+from ..config import COEF_DTYPES, parse_init
 from . import rng
 from .base import Codec, all_reduce_, element_size, host_value
 
@@ -57,14 +57,18 @@ class SubTokenBasis(Codec):
     name = "velora"
 
     def __init__(self, width: int, sub_token_size: int, rank: int = 1, init: str = "batch_average_once",
-                 coef_dtype: str = "compute", seed: int = 0, device=None):
+                 coef_dtype: str = "compute", seed: int = 0, grad_scale: float = 1.0, device=None):
         super().__init__(width, seed, device)
         _check_sizes(sub_token_size, rank)
-        if coef_dtype not in ("compute", "int8"):
-            raise ValueError(f"VeLoRA coef_dtype: expected 'compute' or 'int8', got {coef_dtype!r}")
+        if coef_dtype not in COEF_DTYPES:
+            raise ValueError(f"VeLoRA coef_dtype: expected one of {', '.join(COEF_DTYPES)}, got {coef_dtype!r}")
+        if coef_dtype == "float16" and (rank != 1 or width % sub_token_size):
+            raise ValueError(f"VeLoRA coef_dtype=float16 (the official code's arithmetic) needs rank 1 and a "
+                             f"sub-token size that divides the width, got rank {rank}, M={sub_token_size}, "
+                             f"width {width}")
         self.decay = parse_init(init)
         self.sub_token_size, self.rank = sub_token_size, rank
-        self.init, self.coef_dtype = init, coef_dtype
+        self.init, self.coef_dtype, self.grad_scale = init, coef_dtype, grad_scale
         self.num_sub_tokens = math.ceil(width / sub_token_size)
         self.register_buffer("v", torch.zeros(rank, sub_token_size, device=device))
         self.register_buffer("initialized", torch.tensor(False, device=device))
@@ -80,14 +84,17 @@ class SubTokenBasis(Codec):
 
     def extra_repr(self) -> str:
         return (f"width={self.width}, sub_token_size={self.sub_token_size}, rank={self.rank}, "
-                f"init={self.init}, coef_dtype={self.coef_dtype}")
+                f"init={self.init}, coef_dtype={self.coef_dtype}, grad_scale={self.grad_scale}")
 
     def describe(self) -> str:
-        return f"velora M={self.sub_token_size} r={self.rank}" + (" int8" if self.coef_dtype == "int8" else "")
+        return (f"velora M={self.sub_token_size} r={self.rank}" + ("" if self.coef_dtype == "compute" else
+                f" {self.coef_dtype}") + (f" x{self.grad_scale:g}" if self.grad_scale != 1 else ""))
 
     def stored_bytes_per_token(self, dtype: torch.dtype) -> int:
         n = self.num_sub_tokens * self.rank
-        return n + 4 if self.coef_dtype == "int8" else n * element_size(dtype)
+        if self.coef_dtype == "int8":
+            return n + 4
+        return n * element_size(torch.float16 if self.coef_dtype == "float16" else dtype)
 
     def fixed_stored_bytes(self) -> int:
         return self.v.numel() * 4
@@ -114,6 +121,9 @@ class SubTokenBasis(Codec):
         every rank of a distributed run so that all ranks derive the same v."""
         m, k = self.sub_token_size, self.num_sub_tokens
         x2 = x.detach().reshape(-1, self.width)
+        if self.coef_dtype == "float16":   # the official code's float16 mean (on one rank: exactly its v)
+            world = all_reduce_(torch.ones(1, device=x.device))
+            return all_reduce_(x2.to(torch.float16).reshape(-1, m).mean(0).float()) / world
         if self.rank == 1:
             total = F.pad(x2.sum(0, dtype=torch.float32), (0, k * m - self.width)).reshape(k, m).sum(0)
         else:
@@ -124,6 +134,8 @@ class SubTokenBasis(Codec):
         return (packed[:-1] / packed[-1]).reshape((m,) if self.rank == 1 else (m, m))
 
     def _unit_vectors(self, stat: torch.Tensor) -> torch.Tensor:
+        if self.coef_dtype == "float16":
+            return F.normalize(stat.to(torch.float16), dim=-1).float().unsqueeze(0)
         if self.rank == 1:
             return F.normalize(stat, dim=0).unsqueeze(0)
         _, vecs = torch.linalg.eigh(stat)                     # ascending eigenvalues
@@ -133,7 +145,11 @@ class SubTokenBasis(Codec):
         return top * torch.sign(top.gather(1, idx))
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor, forward) -> tuple[tuple, None]:
+    def encode(self, x: torch.Tensor, forward) -> tuple[tuple, tuple | None]:
+        if self.coef_dtype == "float16":   # the official einsum, in float16; meta: the leading (batch) shape
+            x16 = x.detach().to(torch.float16).reshape(-1, self.sub_token_size)
+            z = torch.einsum("h s, r s -> h", x16, self.v.to(torch.float16))
+            return (z, None, self.v.detach().clone()), tuple(x.shape[:-1])
         v = self.v
         m, d = self.sub_token_size, self.width
         full = d // m
@@ -157,10 +173,22 @@ class SubTokenBasis(Codec):
     def weight_grad(self, grad_y, tensors, meta, in_features, share=None):
         # (grad_yᵀ z) v: the expansion by v is M / r times cheaper than decoding x̂, so nothing is shared.
         z, scale, v = tensors
+        if self.coef_dtype == "float16":
+            return self._official_weight_grad(grad_y, z, v, meta, in_features)
         r = v.shape[0]
         z = (z.float() * scale).to(grad_y.dtype) if scale is not None else z.to(grad_y.dtype)
         a = grad_y.t().matmul(z).float()                                   # (out, K * r)
-        return a.reshape(a.shape[0], -1, r).matmul(v.float()).reshape(a.shape[0], -1)[:, :in_features]
+        gw = a.reshape(a.shape[0], -1, r).matmul(v.float()).reshape(a.shape[0], -1)[:, :in_features]
+        return gw * self.grad_scale if self.grad_scale != 1 else gw
+
+    def _official_weight_grad(self, grad_y, z, v, lead: tuple, in_features: int) -> torch.Tensor:
+        """The official VeLoRA backward, op for op: x̂ = z v in float16, one float16 grad_yᵀ x̂ per sequence,
+        times grad_scale in float16, then the float16 sum over sequences that autograd does for it."""
+        batch = lead[0] if len(lead) > 1 else 1
+        x_hat = torch.einsum("h, r s -> h s", z, v.to(torch.float16)).view(batch, -1, in_features)
+        gy = grad_y.view(batch, -1, grad_y.shape[-1]).to(torch.float16)
+        per_sequence = torch.matmul(gy.transpose(1, 2), x_hat)
+        return (self.grad_scale * per_sequence).sum(0).float()
 
 
 class RandomVectors:
