@@ -103,7 +103,7 @@ def run_updates(cfg: RunConfig, updates: int, validate: bool, on_update=None, sa
     step, losses = OptimizerStep(engine, batches, 1, dist), []
     for k in range(1, updates + 1):
         if k <= cfg.train.max_steps:
-            loss, _, _, lr = step(k)
+            loss, _, _, _, lr = step(k)
         else:   # the official loop's extra update: its loss, not the update (see the module docstring)
             input_ids, labels = next(batches)
             with torch.no_grad():

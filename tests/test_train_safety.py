@@ -248,6 +248,7 @@ def test_a_state_file_missing_a_key_is_one_line_naming_the_file(finished, tmp_pa
     saved = json.loads(state.read_text())
     del saved["tokens_seen"]
     state.write_text(json.dumps(saved))
+    write_manifest(state.parent)     # a well-formed file of another writer, not a corrupt one (integrity.py's case)
     p = cli(run, steps=6, args=["--resume", "auto"])
     assert_one_line_error(p, f"{state} has no 'tokens_seen' entry: the checkpoint is damaged or was not written by "
                              f"this project; resume from an earlier one with --resume {run / 'checkpoints'}/step_N")

@@ -164,3 +164,14 @@ def test_config_from_dict_round_trip():
     cfg = tiny()
     again = config_from_dict(apply_overrides(cfg.to_dict(), ["train.seed=7"]), cfg.source)
     assert again.train.seed == 7 and again.model == cfg.model
+
+
+def test_impossible_zero_settings_are_one_line_errors():
+    from training.errors import ConfigError
+    from training.plan.plan import plan_memory
+    from training.plan.zero import zero_settings
+
+    with pytest.raises(ConfigError, match=r"^--zero-stage: expected one of 0, 1, 2, 3, got 5$"):
+        plan_memory("configs/llama_tiny.json", "full_rank", 1, 5, 1, "fp32")
+    with pytest.raises(ConfigError, match="offload_optimizer needs ZeRO stage 1 or 2; set deepspeed.zero_optimization.stage"):
+        zero_settings({"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}})
