@@ -24,7 +24,7 @@ from .subtoken import RandomVectors, compute_dtype, reconstruct, sketch
 def pca_encode(x2: torch.Tensor, basis: torch.Tensor, k0: int, k1: int, kind: str, m: int, r: int,
                dtype: torch.dtype) -> tuple:
     """(c, z) in `dtype`: x2's coefficients on the basis and the sketch of the rest."""
-    x2 = x2.float()
+    x2, basis = x2.float(), basis.float()        # a bf16 model's buffers are bf16 (DeepSpeed casts them)
     c = x2.matmul(basis)
     return c.to(dtype), sketch(x2 - c.matmul(basis.t()), k0, k1, kind, m, r).to(dtype)
 
@@ -32,7 +32,7 @@ def pca_encode(x2: torch.Tensor, basis: torch.Tensor, k0: int, k1: int, kind: st
 def pca_decode(c: torch.Tensor, z: torch.Tensor, basis: torch.Tensor, k0: int, k1: int, kind: str, m: int, r: int,
                width: int, dtype: torch.dtype) -> torch.Tensor:
     """x̂ = U c + the sketch's reconstruction, in `dtype`."""
-    return (reconstruct(z, k0, k1, kind, m, r, width) + c.float().matmul(basis.t())).to(dtype)
+    return (reconstruct(z, k0, k1, kind, m, r, width) + c.float().matmul(basis.float().t())).to(dtype)
 
 
 class PrincipalPlusRandom(Codec):
