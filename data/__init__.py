@@ -1,11 +1,11 @@
 """Text -> token batches: sources (builtin, local C4 shards, the Hub's C4), tokenizers, packing,
 sharded and resumable training batches, and the fixed validation slice. Never imports model/; of training/
-only the leaf module of user-facing errors (training/errors.py).
+only the leaf module of user-facing errors (common/errors.py).
 
 `data.DataConfig` imports without torch; the pipeline loads on first use of any other name.
 """
 from data.config import DataConfig
-from training.errors import DataError
+from common.errors import DataError
 
 _LAZY = {"TrainBatches": "stream", "validation_batches": "stream", "Tokenizer": "tokenizer",
          "load_tokenizer": "tokenizer"}

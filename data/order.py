@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from data.config import DataConfig
-from training.errors import DataError
+from common.errors import DataError
 
 KEYS = {"train": "train_order", "validation": "val_order"}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from data.builtin import builtin_corpus_dir, digest, split_of
 from data.config import DataConfig
-from training.errors import DataError
+from common.errors import DataError
 
 ALTERNATIVES = ("set data.source=local with data.path=<a directory of c4-train.*.json.gz / "
                 "c4-validation.*.json.gz shards>, or data.source=builtin")

@@ -41,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.config import DataConfig
-from training.errors import DataError
+from common.errors import DataError
 from data.order import ordered_records, read_doc_order
 from data.packing import IGNORE, pack_concat, pack_galore
 from data.sources import check_bad_fraction, parse_record, split_shards

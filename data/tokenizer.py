@@ -17,7 +17,7 @@ import sentencepiece as spm
 
 from data.builtin import CORPUS_DIR, builtin_corpus_dir, cache_lock
 from data.config import DataConfig
-from training.errors import DataError
+from common.errors import DataError
 from data.sources import hub_offline_reason, parse_record, split_shards
 
 T5_REPO = "google-t5/t5-base"

@@ -44,7 +44,7 @@ import torch  # noqa: E402
 
 from training import cli  # noqa: E402
 from training.config import load_config, resolve_batch  # noqa: E402
-from training.errors import ConfigError  # noqa: E402
+from common.errors import ConfigError  # noqa: E402
 from compare_runs import execute, read_log, score_heldout  # noqa: E402
 from training.plan import state_bytes  # noqa: E402
 

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from training.errors import ConfigError
+from common.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 HELDOUT = REPO.parent / "shared" / "c4-heldout" / "c4-validation-heldout.json.gz"

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from training.config import RunConfig, load_config  # noqa: E402
-from training.errors import ConfigError  # noqa: E402
+from common.errors import ConfigError  # noqa: E402
 
 SCHEDULE_STEPS = 300   # the official schedule's length; its loop makes one update more
 # The setup every reference run shares (the reference README's "The setup").

@@ -25,7 +25,7 @@ from training.checkpoint import (RUN_CONFIG, find_resume, problem, rank_state_na
 from training.config import load_config
 from training.crash import STOP_SIGNALS, GracefulStop
 from training.integrity import write_manifest
-from training.errors import CheckpointError
+from common.errors import CheckpointError
 from training.metrics import truncate_log
 
 STEPS = 20

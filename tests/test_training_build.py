@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 from model import LlamaForCausalLM
 from training.build import build_model
 from training.config import load_config
-from training.errors import CheckpointError
+from common.errors import CheckpointError
 
 TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=1",
         "model.num_attention_heads=2", "model.vocab_size=64"]

@@ -13,7 +13,7 @@ from training.checkpoint import (RUN_CONFIG, atomic_write_text, check_compatible
                                  prune, rank_state_name, read_latest, rng_state, set_rng_state, step_dirs)
 from training.config import load_config
 from training.integrity import write_manifest
-from training.errors import CheckpointError
+from common.errors import CheckpointError
 
 TINY = "configs/llama_tiny.json"
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO, env
 from training.crash import is_peer_failure, peer_failure_message
 from training.distributed import LAUNCHER_VARS, launcher_env
-from training.errors import RunError
+from common.errors import RunError
 
 
 @pytest.mark.parametrize("given, fragment", [

@@ -9,7 +9,7 @@ import torch
 
 from ckpt_helpers import deepspeed_checkpoints, exported_run
 from model import LlamaForCausalLM
-from training.errors import CheckpointError
+from common.errors import CheckpointError
 from training.export import save_final
 from training.integrity import write_manifest
 from training.load import load_model, resolve_checkpoint

@@ -15,7 +15,7 @@ from ckpt_helpers import exported_run, flip_tensor_byte
 from conftest import REPO, env
 from test_training_checkpoint import fake_checkpoint
 from training.checkpoint import find_resume, problem
-from training.errors import CheckpointError
+from common.errors import CheckpointError
 from training.integrity import MANIFEST, file_crc32, has_manifest, verify, write_manifest
 from training.load import load_model
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from training.errors import RunError
+from common.errors import RunError
 from training.outputs import FileLock, RunDirLock
 
 

@@ -162,7 +162,7 @@ def test_config_from_dict_round_trip():
 
 
 def test_impossible_zero_settings_are_one_line_errors():
-    from training.errors import ConfigError
+    from common.errors import ConfigError
     from training.plan.plan import plan_memory
     from training.plan.zero import zero_settings
 

@@ -27,7 +27,7 @@ def load_initial_weights(model: LlamaForCausalLM, path: str) -> None:
     """Overwrite `model`'s weights with those in `path` (`train.init_from`): a safetensors file with plain
     LLaMA names, or a directory holding model.safetensors. A one-line CheckpointError when it is missing or
     does not fit the model."""
-    from .errors import CheckpointError
+    from common.errors import CheckpointError
     from .export import plain_state_dict
     from .layout import WEIGHTS
     from .load import read_safetensors

@@ -37,7 +37,7 @@ import torch
 from . import scratch
 from .collectives import barrier
 from .crash import is_peer_failure
-from .errors import CheckpointError
+from common.errors import CheckpointError
 from .files import atomic_write_text, fsync_dir
 from .health import read_healthy
 from .integrity import has_manifest, legacy_warning, verify, write_manifest

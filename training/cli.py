@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from common.errors import UserError
 
 # Errors whose message is written for the user (OSError: a file the user named cannot be read or
 # written). --debug shows the traceback instead.

@@ -17,7 +17,7 @@ from data.config import DataConfig
 from model import LlamaConfig
 from velora.config import VeLoRAConfig
 
-from .errors import ConfigError, check_choice
+from common.errors import ConfigError, check_choice
 from .files import atomic_write_text
 
 

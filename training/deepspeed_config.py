@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 
-from .errors import ConfigError
+from common.errors import ConfigError
 
 
 class _Tracking(dict):

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .collectives import is_distributed
-from .errors import RunError
+from common.errors import RunError
 
 
 @dataclass

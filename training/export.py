@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from model import LlamaConfig, LlamaForCausalLM
 from training.collectives import rank
-from training.errors import CheckpointError
+from common.errors import CheckpointError
 from training.files import fsync_dir, make_dirs, remove_empty_dirs
 from training.health import check_finite
 from training.hf_files import GENERATION_CONFIG, HF_TOKENIZER_FILES, write_hf_files

@@ -100,7 +100,7 @@ def set_aside(ckpt_root: Path, tag: str, healthy: str | None) -> str:
 
 def check_finite(tensors, where: str) -> None:
     """Refuse weights holding inf or NaN: a one-line CheckpointError naming `where` and the first such tensor."""
-    from .errors import CheckpointError
+    from common.errors import CheckpointError
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise CheckpointError(f"{where}: {len(bad)} weight tensor(s) hold inf or NaN (e.g. {bad[0]}); the weights "

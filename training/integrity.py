@@ -90,7 +90,7 @@ def legacy_warning(directory: Path) -> str:
 def check_directory(directory: Path, warn) -> None:
     """Before reading a checkpoint or export: a one-line CheckpointError when a file differs from the
     manifest; `warn(line)` when there is no manifest to check against."""
-    from .errors import CheckpointError
+    from common.errors import CheckpointError
     bad = verify(directory)
     if bad:
         raise CheckpointError(f"{bad}; the checkpoint is corrupt: use another one (e.g. an earlier step_N) or "

@@ -22,7 +22,7 @@ from pathlib import Path
 from model import LlamaForCausalLM
 from training.checkpoint import broken_archives, check_pickles, read_latest, safe_load
 from training.config import RunConfig, load_config
-from training.errors import CheckpointError, ConfigError
+from common.errors import CheckpointError, ConfigError
 from training.export import plain_state_dict
 from training.health import check_finite
 from training.integrity import check_directory

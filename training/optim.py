@@ -22,7 +22,7 @@ import copy
 import torch
 
 from .config import RunConfig
-from .errors import ConfigError
+from common.errors import ConfigError
 from .zero_adafactor import ZeroAdafactor
 from .zero_galore import ZeroGaLore
 

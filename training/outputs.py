@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import read_latest, step_dirs
-from .errors import RunError
+from common.errors import RunError
 from .files import make_dirs, remove_empty_dirs
 from .layout import LOCK, RunDir
 

@@ -20,7 +20,7 @@ from .crash import GracefulStop, is_peer_failure, pause_point, peer_failure_mess
 from .deepspeed_config import check_deepspeed_section
 from .collectives import barrier
 from .distributed import init_distributed, launcher_env
-from .errors import CheckpointError, ConfigError, NonFiniteLoss, RunError
+from common.errors import CheckpointError, ConfigError, NonFiniteLoss, RunError
 from .evaluate import evaluate
 from .export import save_final
 from .files import atomic_copy

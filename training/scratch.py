@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .errors import CheckpointError
+from common.errors import CheckpointError
 from .files import atomic_write_text, fsync_dir
 
 RECORD = ".scratch"

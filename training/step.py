@@ -10,7 +10,7 @@ from data.packing import predicted_tokens, processed_positions
 
 from .collectives import all_reduce_values
 from .distributed import DistInfo
-from .errors import NonFiniteLoss
+from common.errors import NonFiniteLoss
 
 
 class DataExhausted(Exception):

@@ -15,7 +15,7 @@ import torch
 from model import LlamaForCausalLM
 from training import cli
 from training.config import load_config
-from training.errors import ConfigError
+from common.errors import ConfigError
 from velora import apply_velora
 from velora.config import PRESETS
 from velora.memory import measure_step

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from .. import cli
-from ..errors import ConfigError
+from common.errors import ConfigError
 from .methods import DTYPES, METHODS
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import RunConfig, apply_overrides, config_from_dict, load_config
-from ..errors import ConfigError, check_choice
+from common.errors import ConfigError, check_choice
 from .cuda import cuda_corrections
 from .methods import DTYPES, METHODS
 from .step import simulate

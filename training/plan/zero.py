@@ -25,7 +25,7 @@ the partition (`param_buffer_of_bit16_for_cpu_offload_groups`) live in host memo
 """
 from __future__ import annotations
 
-from ..errors import ConfigError
+from common.errors import ConfigError
 
 DEFAULT_BUCKET = 500_000_000
 

@@ -1,8 +1,8 @@
 """Every error meant for the user, in one place. Each carries a one-line message that names the culprit
 and the fix; `training.cli.run` prints it and exits with code 2 (a traceback only with --debug).
 
-A leaf module (it imports nothing of ours), so `data/` raises these too without depending on the rest
-of `training/`.
+A leaf module (it imports nothing of ours), so every floor (`model/`, `velora/`, `data/`, `training/`)
+raises these without depending on a higher one.
 """
 from __future__ import annotations
 
