@@ -6,7 +6,7 @@
 
 Writes under train.output_dir: run_config.json, tokenizer.model, train_log.jsonl, tensorboard/,
 checkpoints/step_N/ + latest, and final/ (model.safetensors, config.json, tokenizer files). The last
-line printed is the final validation perplexity. See training/layout.py.
+line printed is the final validation perplexity. See training/state/layout.py.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What the checkpoint manifest (training/integrity.py) costs per save and per load, for docs/BENCHMARKS.md.
+"""What the checkpoint manifest (training/state/integrity.py) costs per save and per load, for docs/BENCHMARKS.md.
 
     OMP_NUM_THREADS=1 python scripts/bench_integrity.py --config configs/llama_60m.json --repeats 3
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from training.config import load_config  # noqa: E402
-from training.integrity import verify, write_manifest  # noqa: E402
+from training.state import verify, write_manifest  # noqa: E402
 
 
 def checkpoint_state(model_cfg: LlamaConfig) -> dict:

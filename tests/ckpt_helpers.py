@@ -63,7 +63,7 @@ def exported_run(d: Path) -> dict:
     exported to `d/run/final`."""
     from model import LlamaForCausalLM
     from training.config import load_config
-    from training.export import save_final
+    from training.hf import save_final
     tok = write_tokenizer(d / "sp.model")
     corpus = write_corpus(d / "docs.jsonl")
     rc_file = write_run_config(d / "run_config.json", tok, corpus, d / "run")

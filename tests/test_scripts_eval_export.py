@@ -121,7 +121,7 @@ def test_round_trip_train_zero2_two_processes(setup, tmp_path):
     """train_c4.py (ZeRO 2, two processes) -> the perplexity it printed, eval_ppl from the DeepSpeed
     directory, eval_ppl from final/ and load_model + evaluate here are one number."""
     from data import validation_batches
-    from training.load import load_model
+    from training.hf import load_model
     out = tmp_path / "run"
     sets = [f"train.output_dir={out}", "train.max_steps=4", "train.eval_every=4", "train.save_every=4",
             "deepspeed.zero_optimization.stage=2", "deepspeed.train_batch_size=4",

@@ -20,11 +20,10 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, assert_one_line_error, env, free_port, losses
-from training.checkpoint import (RUN_CONFIG, find_resume, problem, rank_state_name, read_latest,
-                                 save_checkpoint)
+from training.state import (RUN_CONFIG, find_resume, problem, rank_state_name, read_latest, save_checkpoint,
+                            write_manifest)
 from training.config import load_config
 from training.crash import STOP_SIGNALS, GracefulStop
-from training.integrity import write_manifest
 from common.errors import CheckpointError
 from training.metrics import truncate_log
 

@@ -10,8 +10,7 @@ import pytest
 
 from ckpt_helpers import flip_tensor_byte
 from conftest import REPO, TINY, assert_one_line_error, env, losses
-from training.checkpoint import read_latest
-from training.health import read_healthy
+from training.state import read_healthy, read_latest
 
 STEPS = 20
 # eval only at the end, so a blown-up step is caught by the next step's loss, not by an evaluation
@@ -111,7 +110,7 @@ def test_resume_auto_refuses_in_one_line_and_loses_nothing(reference, tmp_path):
     import json
     import shutil
 
-    from training.integrity import write_manifest
+    from training.state import write_manifest
     out = shutil.copytree(reference, tmp_path / "run")
     ckpts = out / "checkpoints"
 

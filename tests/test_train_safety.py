@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, assert_one_line_error, env, losses, train
-from training.integrity import write_manifest
+from training.state import write_manifest
 
 SMALL = ["deepspeed.train_batch_size=4", "deepspeed.train_micro_batch_size_per_gpu=4", "train.eval_every=2",
          "train.save_every=2", "train.log_every=1"]

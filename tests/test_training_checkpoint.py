@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from training.checkpoint import (RUN_CONFIG, atomic_write_text, check_compatible, clean_stale, find_resume,
-                                 prune, rank_state_name, read_latest, rng_state, set_rng_state, step_dirs)
+from training.state import (RUN_CONFIG, atomic_write_text, check_compatible, clean_stale, find_resume, prune,
+                            rank_state_name, read_latest, rng_state, set_rng_state, step_dirs, write_manifest)
 from training.config import load_config
-from training.integrity import write_manifest
 from common.errors import CheckpointError
 
 TINY = "configs/llama_tiny.json"
@@ -77,7 +76,7 @@ def test_prune_keeps_last_k_and_the_latest(tmp_path):
 
 
 def test_clean_stale_removes_only_the_recorded_leftovers_of_interrupted_saves(tmp_path):
-    from training import scratch
+    from training.state import scratch
     root = tmp_path / "checkpoints"
     fake_checkpoint(root, 3)
     scratch.claim(root / "step_4.tmp").mkdir()         # what a killed save and a killed prune leave

@@ -1,4 +1,4 @@
-"""training.export and training.load: transformers reads our export with our logits; DeepSpeed
+"""training.hf (export and load): transformers reads our export with our logits; DeepSpeed
 checkpoints of ZeRO 0/2/3 consolidate on CPU to the trained weights; bad input gives one-line errors."""
 import json
 import os
@@ -10,9 +10,9 @@ import torch
 from ckpt_helpers import deepspeed_checkpoints, exported_run
 from model import LlamaForCausalLM
 from common.errors import CheckpointError
-from training.export import save_final
-from training.integrity import write_manifest
-from training.load import load_model, resolve_checkpoint
+from training.hf import save_final
+from training.state import write_manifest
+from training.hf import load_model, resolve_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_reexport_replaces_an_export_atomically_and_nothing_else(setup, tmp_path
 
 
 def test_a_failed_export_leaves_nothing_behind(setup, tmp_path, monkeypatch):
-    import training.export as export
+    import training.hf.export as export
 
     def full_disk(*a, **k):
         raise OSError(28, "No space left on device")
@@ -83,7 +83,7 @@ def test_a_failed_export_leaves_nothing_behind(setup, tmp_path, monkeypatch):
 
 
 def test_a_failed_export_removes_the_directories_it_made_and_names_what_it_could_not(setup, tmp_path, monkeypatch):
-    import training.export as export
+    import training.hf.export as export
 
     def full_disk(*a, **k):
         raise OSError(28, "No space left on device")
@@ -101,7 +101,7 @@ def test_a_failed_export_removes_the_directories_it_made_and_names_what_it_could
 
 
 def test_a_failed_replace_puts_the_earlier_export_back(setup, tmp_path, monkeypatch):
-    import training.export as export
+    import training.hf.export as export
     out = save_final(setup["model"], setup["rc"], setup["tok"], tmp_path / "final")
     before = (out / "model.safetensors").read_bytes()
     real = os.replace
@@ -118,7 +118,7 @@ def test_a_failed_replace_puts_the_earlier_export_back(setup, tmp_path, monkeypa
 
 
 def test_exports_to_one_out_are_serialised_and_never_claim_anothers_result(setup, tmp_path, monkeypatch):
-    import training.export as export
+    import training.hf.export as export
     out = tmp_path / "final"
     with export.export_lock(out):                 # another export is writing `out` now
         with pytest.raises(CheckpointError, match=rf"^{out}: another export is writing it now \(pid {os.getpid()} "):

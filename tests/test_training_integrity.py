@@ -1,4 +1,4 @@
-"""training.integrity and the checks built on it, without DeepSpeed: every file of a checkpoint or export
+"""training.state.integrity and the checks built on it, without DeepSpeed: every file of a checkpoint or export
 is hashed into manifest.json; any change is caught on load (one line for an explicit path, a fallback for
 `--resume auto`); directories written before manifests existed are read with a warning."""
 import json
@@ -14,10 +14,9 @@ import torch
 from ckpt_helpers import exported_run, flip_tensor_byte
 from conftest import REPO, env
 from test_training_checkpoint import fake_checkpoint
-from training.checkpoint import find_resume, problem
+from training.state import MANIFEST, file_crc32, find_resume, has_manifest, problem, verify, write_manifest
 from common.errors import CheckpointError
-from training.integrity import MANIFEST, file_crc32, has_manifest, verify, write_manifest
-from training.load import load_model
+from training.hf import load_model
 
 
 def test_manifest_lists_every_file_and_catches_each_kind_of_change(tmp_path):
@@ -143,7 +142,7 @@ def test_an_export_without_manifest_loads_with_a_warning(setup, tmp_path, caplog
 
 
 def test_non_finite_weights_are_refused_by_export_and_load_unless_allowed(setup, tmp_path):
-    from training.export import save_final
+    from training.hf import save_final
     sd = {k: v.clone() for k, v in setup["model"].state_dict().items()}
     sd["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
     out = tmp_path / "exp"

@@ -4,9 +4,9 @@ import torch
 
 from model import LlamaConfig, LlamaForCausalLM
 from training.config import ConfigError, load_config
-from training.optim import build_optimizer, galore_param_groups
-from training.zero_adafactor import ZeroAdafactor
-from training.zero_galore import ZeroGaLore
+from training.optim.build import build_optimizer, galore_param_groups
+from training.optim.zero_adafactor import ZeroAdafactor
+from training.optim.zero_galore import ZeroGaLore
 
 TINY = "configs/llama_tiny.json"
 SMALL = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2",
@@ -98,7 +98,7 @@ def test_matrix_lr_scale_splits_the_lr_like_galore_without_projecting():
     schedule scales both groups alike; galore_* refuses it (they scale with galore_scale)."""
     from model import LlamaForCausalLM
     from training.optim import build_optimizer
-    from training.schedule import build_scheduler
+    from training.optim.schedule import build_scheduler
 
     cfg = load_config(TINY, ["optim.matrix_lr_scale=0.25", "optim.lr=0.01"])
     model = LlamaForCausalLM(cfg.model)

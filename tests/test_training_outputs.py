@@ -1,11 +1,11 @@
-"""training.outputs: the run's locks cover the real path of every directory it writes, and leave nothing
+"""training.state.outputs: the run's locks cover the real path of every directory it writes, and leave nothing
 behind (lock files, directories they made) once released."""
 import os
 
 import pytest
 
 from common.errors import RunError
-from training.outputs import FileLock, RunDirLock
+from training.state import FileLock, RunDirLock
 
 
 def test_a_symlinked_checkpoints_dir_cannot_be_shared_by_two_runs(tmp_path):

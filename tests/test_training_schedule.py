@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from training.config import OptimConfig
-from training.schedule import build_scheduler, lr_factor, warmup_steps
+from training.optim.schedule import build_scheduler, lr_factor, warmup_steps
 
 
 def lrs(cfg: OptimConfig, max_steps: int) -> list[float]:

@@ -1,4 +1,4 @@
-"""Adafactor and GaLore under ZeRO 1-3 (training/zero_layout.py, zero_adafactor.py, zero_galore.py).
+"""Adafactor and GaLore under ZeRO 1-3 (training/optim/zero_layout.py, zero_adafactor.py, zero_galore.py).
 
 Two gloo processes build tiny models through build_engine and train 20 steps on fixed batches of random
 arithmetic sequences (each rank half of the global batch); one process at ZeRO 0 runs torch.optim.Adafactor /
@@ -65,7 +65,7 @@ def _layout_facts(engine):
     partitions we map, and each piece of one equals that range of the (fp32, gathered) model parameter."""
     import deepspeed
 
-    from training.zero_layout import partition_layouts
+    from training.optim.zero_layout import partition_layouts
 
     zero, stage = engine.optimizer, engine.zero_optimization_stage()
     flats = zero.fp32_partitioned_groups_flat if stage == 3 else zero.single_partition_of_fp32_groups
@@ -99,8 +99,8 @@ def _state_shapes(optimizer):
 
 
 def _resume(cfg, rank, world, ckpt_root):
-    """Train to RESUME_AT, checkpoint through training.checkpoint, rebuild from another seed, load, finish."""
-    from training.checkpoint import check_pickles, load_checkpoint, save_checkpoint
+    """Train to RESUME_AT, checkpoint through training.state, rebuild from another seed, load, finish."""
+    from training.state import check_pickles, load_checkpoint, save_checkpoint
 
     engine = _engine(cfg)
     _train(engine, 1, RESUME_AT, rank, world)
@@ -218,10 +218,10 @@ def test_galore_projected_state_lives_once_in_low_rank(runs, name):
 def test_pinned_deepspeed_internals_mean_what_we_read(runs):
     import deepspeed
 
-    from training.zero_layout import PINNED
+    from training.optim.zero_layout import PINNED
 
     _, ranks = runs
-    assert deepspeed.__version__.startswith("0.19."), "re-check training/zero_layout.py against this DeepSpeed"
+    assert deepspeed.__version__.startswith("0.19."), "re-check training/optim/zero_layout.py against this DeepSpeed"
     assert PINNED["_hp_mapping"] == ("lp_fragment_address", "hp_fragment_address")
     for rank in ranks:
         for case in CASES:
@@ -252,7 +252,7 @@ def test_cli_stop_and_resume_two_processes_zero2_galore_is_exact(tmp_path):
 
 @pytest.mark.parametrize("start, numel", [(0, 35), (3, 2), (3, 4), (5, 14), (7, 21), (14, 7), (0, 7)])
 def test_row_blocks_tile_a_flat_range_into_rectangles(start, numel):
-    from training.zero_layout import row_blocks
+    from training.optim.zero_layout import row_blocks
 
     rows, cols = 5, 7
     matrix = torch.arange(rows * cols).view(rows, cols)

@@ -11,9 +11,7 @@ import torch
 from model import LlamaForCausalLM
 
 from .config import RunConfig
-from .optim import build_optimizer
-from .schedule import build_scheduler
-from .zero_layout import partition_layouts
+from .optim import build_optimizer, build_scheduler, partition_layouts
 
 
 def seed_everything(seed: int) -> None:
@@ -28,9 +26,8 @@ def load_initial_weights(model: LlamaForCausalLM, path: str) -> None:
     LLaMA names, or a directory holding model.safetensors. A one-line CheckpointError when it is missing or
     does not fit the model."""
     from common.errors import CheckpointError
-    from .export import plain_state_dict
-    from .layout import WEIGHTS
-    from .load import read_safetensors
+    from .hf import plain_state_dict, read_safetensors
+    from .state import WEIGHTS
 
     file = Path(path)
     if file.is_dir():

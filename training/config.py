@@ -18,7 +18,7 @@ from model import LlamaConfig
 from velora.config import VeLoRAConfig
 
 from common.errors import ConfigError, check_choice
-from .files import atomic_write_text
+from .state import atomic_write_text
 
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "galore_adamw", "galore_adafactor")

@@ -78,7 +78,7 @@ def evaluate_checkpoint(argv) -> int:
         raise DataError(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
     from data import validation_batches
     from training.evaluate import evaluate
-    from training.load import load_source, resolve_checkpoint
+    from training.hf import load_source, resolve_checkpoint
 
     # Libraries' notes go to stderr, so stdout holds only our report (one JSON object with --json).
     with contextlib.redirect_stdout(sys.stderr):

@@ -26,8 +26,7 @@ def export(argv) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from training.export import check_export_target, save_final
-    from training.load import load_source, resolve_checkpoint
+    from training.hf import check_export_target, load_source, resolve_checkpoint, save_final
 
     check_export_target(args.out, args.overwrite)     # before the (slow) load
     src = resolve_checkpoint(args.checkpoint)

@@ -17,8 +17,7 @@ from tqdm import tqdm
 from data.sources import SKIPPED
 
 from .collectives import all_reduce_values
-from .files import atomic_write_text
-from .layout import RunDir
+from .state import RunDir, atomic_write_text
 
 # Dense peak TFLOP/s per GPU by device-name substring (first match wins): (bf16, tf32).
 PEAK_TFLOPS = [("H200", 989.0, 494.7), ("H100 PCIe", 756.0, 378.0), ("H100", 989.0, 494.7),

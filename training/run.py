@@ -13,8 +13,6 @@ import torch
 from data import TrainBatches, load_tokenizer, validation_batches
 
 from .build import build_engine, build_model, seed_everything
-from .checkpoint import (check_compatible, check_pickles, clean_stale, find_resume, load_checkpoint, read_latest,
-                         rng_state, same_file, save_checkpoint, set_rng_state)
 from .config import RunConfig, resolve_batch
 from .crash import GracefulStop, is_peer_failure, pause_point, peer_failure_message
 from .deepspeed_config import check_deepspeed_section
@@ -22,12 +20,12 @@ from .collectives import barrier
 from .distributed import init_distributed, launcher_env
 from common.errors import CheckpointError, ConfigError, NonFiniteLoss, RunError
 from .evaluate import evaluate
-from .export import save_final
-from .files import atomic_copy
-from .health import mark_healthy, nonfinite_tensors, read_healthy, set_aside
-from .layout import DIVERGED_SUFFIX, TOKENIZER, RunDir, rank_state_name
+from .hf import save_final
 from .metrics import Metrics, data_counts, describe_skips, flops_per_token, peak_flops
-from .outputs import RunDirLock, check_output_dir
+from .state import (DIVERGED_SUFFIX, TOKENIZER, RunDir, RunDirLock, atomic_copy, check_compatible, check_output_dir,
+                    check_pickles, clean_stale, find_resume, load_checkpoint, mark_healthy, nonfinite_tensors,
+                    rank_state_name, read_healthy, read_latest, rng_state, same_file, save_checkpoint, set_aside,
+                    set_rng_state)
 from .step import DataExhausted, OptimizerStep
 
 
@@ -61,7 +59,7 @@ class TrainingRun:
             if not trust_checkpoint and local_rank_here == 0:   # one process per node reads them
                 check_pickles(self.resume_dir)
         self.step, self.tokens_seen, self.saved_at, self.data_exhausted = 0, 0, 0, False
-        self.verified_at, self.healthy = None, None   # training/health.py: verified weights and checkpoint
+        self.verified_at, self.healthy = None, None   # training/state/health.py: verified weights and checkpoint
         self.batches = self.engine = self.metrics = self.lock = None
 
     # --- the state every checkpoint holds (one per rank) ----------------------------------------
@@ -161,7 +159,7 @@ class TrainingRun:
         if self.verified_at == self.step:      # evaluated at this step: verified already
             self._verified(self.step)
 
-    # --- health (training/health.py) ----------------------------------------------------------
+    # --- health (training/state/health.py) ----------------------------------------------------------
     def _verified(self, step: int) -> None:
         """The weights as they were after `step` gave a finite loss: a checkpoint of them is verified healthy."""
         self.verified_at = step

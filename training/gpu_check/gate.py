@@ -23,7 +23,7 @@ from pathlib import Path
 
 from data.builtin import write_shard
 from training.config import load_config
-from training.layout import RunDir
+from training.state import RunDir
 
 from .report import one_line
 

@@ -68,7 +68,7 @@ def planned_peak(run_config: RunConfig, micro_batch: int) -> int | None:
     """The memory planner's prediction of `torch.cuda.max_memory_allocated` for one training step of
     `run_config` (the method's overrides already applied) at `micro_batch` on one GPU; None where the planner
     does not model the setting (ZeRO 3)."""
-    from training.plan.plan import plan_memory       # the planner's fake-tensor stack, only when asked
+    from training.plan import plan_memory       # the planner's fake-tensor stack, only when asked
     stage = int(run_config.deepspeed.get("zero_optimization", {}).get("stage", 0))
     if stage == 3:
         return None

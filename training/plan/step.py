@@ -3,7 +3,7 @@ tensors, watched by the same MemoryTracker.
 
 What runs is what train_c4.py runs at ZeRO 0 (zero.py says why): the model built and VeLoRA applied as
 the config says (training/build.py), cast to bf16 when DeepSpeed trains in bf16, our optimizer
-(training/optim.py) stepping fp32 masters of the bf16 weights the way DeepSpeed's FP16_UnfusedOptimizer
+(training/optim/build.py) stepping fp32 masters of the bf16 weights the way DeepSpeed's FP16_UnfusedOptimizer
 does, or the weights themselves in fp32. Two steps run, the first one short: zero gradients and an
 optimizer step, which creates the optimizer's lazily made state (and GaLore's first SVD) at its full
 size; then a full step (forward, backward, optimizer) with that state live throughout, as in every later

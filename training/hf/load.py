@@ -20,13 +20,11 @@ from pathlib import Path
 
 
 from model import LlamaForCausalLM
-from training.checkpoint import broken_archives, check_pickles, read_latest, safe_load
 from training.config import RunConfig, load_config
 from common.errors import CheckpointError, ConfigError
-from training.export import plain_state_dict
-from training.health import check_finite
-from training.integrity import check_directory
-from training.layout import CHECKPOINTS, FINAL, LATEST, RUN_CONFIG, TOKENIZER, WEIGHTS, ZERO0_MODEL_FILE, RunDir
+from .export import plain_state_dict
+from training.state import (CHECKPOINTS, FINAL, LATEST, RUN_CONFIG, TOKENIZER, WEIGHTS, ZERO0_MODEL_FILE, RunDir,
+                            broken_archives, check_directory, check_finite, check_pickles, read_latest, safe_load)
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +153,7 @@ def load_model(path, device="cpu", trust: bool = False, allow_nonfinite: bool = 
     The tokenizer is the `data` Tokenizer saved with the checkpoint (its `.model_path` is the file).
     Bad input raises `CheckpointError` with a one-line message naming the file. A DeepSpeed checkpoint
     holding anything outside the allow-list of what DeepSpeed writes is refused unless `trust` is set.
-    Every file is first checked against the directory's manifest (training/integrity.py; a directory
+    Every file is first checked against the directory's manifest (training/state/integrity.py; a directory
     written before manifests existed is read with a warning), and weights holding inf or NaN are refused
     unless `allow_nonfinite`.
     """

@@ -1,7 +1,7 @@
 """galore-torch's GaLoreAdamW / GaLoreAdafactor under ZeRO 1-3, each matrix stepped whole by one owner.
 
 GaLore needs a whole gradient matrix (its projector comes from the gradient's SVD), while ZeRO hands the
-optimizer flat slices of the parameters (training/zero_layout.py maps them back to parameter pieces).
+optimizer flat slices of the parameters (training/optim/zero_layout.py maps them back to parameter pieces).
 The design: every parameter has one owner, the rank holding most of it. A parameter held whole by one
 rank (under ZeRO 1/2 almost all of them: a partition boundary splits at most one parameter per group and
 rank) is stepped there, on views of the flat partition and its gradient in the parameter's shape. A split one is
@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-from .collectives import broadcast_, reduce_
+from ..collectives import broadcast_, reduce_
 from .zero_layout import GroupLayout, PartitionOptimizer
 
 

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .checkpoint import read_latest, step_dirs
+from .tags import read_latest, step_dirs
 from common.errors import RunError
 from .files import make_dirs, remove_empty_dirs
 from .layout import LOCK, RunDir

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .layout import HF_CONFIG, TOKENIZER
+from ..state import HF_CONFIG, TOKENIZER
 
 GENERATION_CONFIG = "generation_config.json"
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

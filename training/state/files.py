@@ -67,3 +67,8 @@ def remove_empty_dirs(dirs: list[Path]) -> None:
             d.rmdir()
         except OSError:
             pass
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two files hold the same bytes."""
+    return Path(a).read_bytes() == Path(b).read_bytes()

@@ -6,11 +6,11 @@
       train_log.jsonl        one JSON record per logged step and per evaluation
       tensorboard/           TensorBoard events
       .lock                  held (flock) by the process that writes the run, while it runs (also in the
-                             real directories of checkpoints/ and tensorboard/: training/outputs.py)
+                             real directories of checkpoints/ and tensorboard/: training/state/outputs.py)
       checkpoints/step_N/    DeepSpeed's files + trainer_state_rank{r}.json + run_config.json + tokenizer.model
-                             + manifest.json (every file's size and CRC-32, written last: training/integrity.py)
+                             + manifest.json (every file's size and CRC-32, written last: training/state/integrity.py)
       checkpoints/latest     the tag of the newest complete checkpoint
-      checkpoints/healthy    the tag of the newest checkpoint verified healthy (training/health.py)
+      checkpoints/healthy    the tag of the newest checkpoint verified healthy (training/state/health.py)
       checkpoints/step_N.diverged/  a checkpoint set aside after the run diverged (kept, never resumed)
       final/                 model.safetensors, config.json (transformers'), tokenizer files, run_config.json,
                              manifest.json

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .collectives import all_reduce_values
+from ..collectives import all_reduce_values
 from .files import atomic_write_text, fsync_dir
 from .layout import DIVERGED_SUFFIX, HEALTHY, LATEST
 

@@ -1,6 +1,6 @@
 """torch.optim.Adafactor's maths on ZeRO 1-3 flat partitions, with its second moment still factored.
 
-Under ZeRO the optimizer sees flat fp32 tensors instead of the parameters (training/zero_layout.py says
+Under ZeRO the optimizer sees flat fp32 tensors instead of the parameters (training/optim/zero_layout.py says
 which pieces of which parameters it holds). For a matrix, Adafactor keeps a row vector and a column vector
 of mean squared gradients; a piece of a row-major matrix is at most three rectangular blocks, so each rank
 sums the squares of its blocks into partial row and column sums, and one all-reduce of those (rows + cols
@@ -10,14 +10,14 @@ RMS for Adafactor's clipping. Every rank holding part of a matrix keeps the same
 not a full-size second moment; vectors (norm weights) keep an elementwise second moment for their piece.
 
 Only matrices (2-D) and vectors are supported, which is all a LLaMA has. Before `bind_zero` (ZeRO 0) use
-torch.optim.Adafactor itself: training/optim.py does.
+torch.optim.Adafactor itself: training/optim/build.py does.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-from .collectives import all_reduce_
+from ..collectives import all_reduce_
 from .zero_layout import GroupLayout, PartitionOptimizer, Piece, row_blocks
 
 

@@ -5,14 +5,14 @@
   an fp32 scale each); tensors under 4096 elements keep fp32 moments. It runs on CPU and CUDA with the same
   state layout (torchao's AdamW8bit compiles each parameter shape on CPU: docs/BENCHMARKS.md, "The memory planner").
 - `adafactor`: torch.optim.Adafactor at ZeRO 0. Under ZeRO 1-3, where DeepSpeed hands the optimizer flat
-  tensors, training/zero_adafactor.py's ZeroAdafactor: the same maths with its second moment still
+  tensors, training/optim/zero_adafactor.py's ZeroAdafactor: the same maths with its second moment still
   factored (row and column statistics all-reduced across the ranks holding a matrix).
 - `galore_adamw` / `galore_adafactor`: galore-torch with GaLore's two parameter groups: the 2-D
   weights of modules whose name contains one of `optim.galore_targets` ("attn", "mlp") get the
   low-rank projection, every other parameter is optimized as usual. Under ZeRO 1-3 the galore-torch
-  optimizer is wrapped in training/zero_galore.py's ZeroGaLore (each matrix stepped whole by one owner).
+  optimizer is wrapped in training/optim/zero_galore.py's ZeroGaLore (each matrix stepped whole by one owner).
 
-The ZeRO optimizers learn their partition layout (training/zero_layout.py) from `bind_zero`, which
+The ZeRO optimizers learn their partition layout (training/optim/zero_layout.py) from `bind_zero`, which
 build_engine calls after deepspeed.initialize; under ZeRO >= 1 we set `zero_allow_untested_optimizer`.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import copy
 
 import torch
 
-from .config import RunConfig
+from ..config import RunConfig
 from common.errors import ConfigError
 from .zero_adafactor import ZeroAdafactor
 from .zero_galore import ZeroGaLore

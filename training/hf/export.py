@@ -3,8 +3,8 @@
 `final/` holds `model.safetensors` (plain LLaMA names, VeLoRA buffers left out: VeLoRA changes what
 backward stores, never the function, so the exported model is an ordinary LLaMA; the header's metadata
 names the step, tokens seen, the run config's digest and the project version), the Hugging Face files
-(training/hf_files.py: config.json, generation_config.json, tokenizer.json, tokenizer_config.json),
-`tokenizer.model` and `run_config.json` (the resolved run config, so `training.load.load_model`
+(training/hf/files.py: config.json, generation_config.json, tokenizer.json, tokenizer_config.json),
+`tokenizer.model` and `run_config.json` (the resolved run config, so `training.hf.load_model`
 rebuilds the model exactly). Files are readable by all (the umask permitting).
 """
 from __future__ import annotations
@@ -23,12 +23,9 @@ from safetensors.torch import save_file
 from model import LlamaConfig, LlamaForCausalLM
 from training.collectives import rank
 from common.errors import CheckpointError
-from training.files import fsync_dir, make_dirs, remove_empty_dirs
-from training.health import check_finite
-from training.hf_files import GENERATION_CONFIG, HF_TOKENIZER_FILES, write_hf_files
-from training.integrity import MANIFEST, write_manifest
-from training.layout import HF_CONFIG, RUN_CONFIG, TOKENIZER, WEIGHTS
-from training.outputs import FileLock
+from .files import GENERATION_CONFIG, HF_TOKENIZER_FILES, write_hf_files
+from training.state import (HF_CONFIG, MANIFEST, RUN_CONFIG, TOKENIZER, WEIGHTS, FileLock, check_finite, fsync_dir,
+                            make_dirs, remove_empty_dirs, write_manifest)
 from velora import strip_state_dict
 
 
@@ -105,7 +102,7 @@ def save_final(model, run_config, tokenizer_path, out_dir, dtype: torch.dtype = 
     while the first writes is refused, and one that finds the first's result checks it again under the
     lock (so it replaces it only with `overwrite`).
     Weights holding inf or NaN are refused unless `allow_nonfinite`. `manifest.json` (the files'
-    content hashes, training/integrity.py) is written last. Returns `out_dir`.
+    content hashes, training/state/integrity.py) is written last. Returns `out_dir`.
     """
     out_dir = Path(out_dir)
     check_export_target(out_dir, overwrite)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .collectives import all_gather, backend_device, global_rank, rank, world_size
+from ..collectives import all_gather, backend_device, global_rank, rank, world_size
 
 PINNED = {"engine.optimizer": ("bit16_groups", "single_partition_of_fp32_groups", "real_dp_process_group"),
           "engine.optimizer (ZeRO 3)": ("fp16_groups", "fp32_partitioned_groups_flat", "dp_process_group"),
@@ -126,14 +126,14 @@ def _stage3_pieces(params, rank: int, world: int, flat: torch.Tensor) -> list[tu
         size = p.ds_tensor.numel()
         if size != -(-p.ds_numel // world):     # hierarchical (hpZ, MiCS) partitioning slices otherwise
             raise RuntimeError(f"ZeRO 3 slice of {size} elements for a parameter of {p.ds_numel} over {world} "
-                               f"ranks: only plain ZeRO 3 partitioning is supported by training/zero_layout.py")
+                               f"ranks: only plain ZeRO 3 partitioning is supported by training/optim/zero_layout.py")
         held = max(0, min(size, p.ds_numel - rank * size))
         if held:
             pieces.append((index, rank * size, at, held))
         at += size
     if at != flat.numel():
         raise RuntimeError(f"ZeRO 3's flat partition has {flat.numel()} elements, its parameters' slices {at}: this "
-                           f"DeepSpeed is not the one training/zero_layout.py was written for")
+                           f"DeepSpeed is not the one training/optim/zero_layout.py was written for")
     return pieces
 
 
@@ -148,7 +148,7 @@ def _layout(params, pieces: list[tuple], group, names: dict) -> GroupLayout:
     torn = [names[id(p)] for i, p in enumerate(params) if sum(h[i] for h in held) != math.prod(shapes[i])]
     if torn:
         raise RuntimeError(f"the ranks' pieces do not tile {torn[0]}: this DeepSpeed is not the one "
-                           f"training/zero_layout.py was written for")
+                           f"training/optim/zero_layout.py was written for")
     return GroupLayout([(names[id(p)], shape) for p, shape in zip(params, shapes)],
                        [Piece(names[id(params[i])], shapes[i], i, start, flat_start, numel)
                         for i, start, flat_start, numel in pieces],
