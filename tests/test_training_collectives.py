@@ -155,7 +155,7 @@ def _zero_worker(rank, world, port, out):
     import deepspeed
     import galore_torch
 
-    from test_training_zero_optim import OPTIMIZERS, _config, _engine, _train
+    from test_training_optim_zero import OPTIMIZERS, _config, _engine, _train
     from training import build
     from training.optim import zero_layout
 

@@ -30,7 +30,7 @@ def flops_per_token(model_cfg, seq_len: int) -> float:
     parameters (attention and MLP projections and the LM head; not the embedding lookup) plus
     12 x layers x hidden x seq_len for the attention scores and their mixing (the causal mask ignored).
     Model FLOPs, not hardware FLOPs: recomputation and VeLoRA's cheaper weight gradients are not counted.
-    Equal to torch.utils.flop_counter's count of one forward + backward (tests/test_train_metrics.py)."""
+    Equal to torch.utils.flop_counter's count of one forward + backward (tests/test_training_metrics.py)."""
     c = model_cfg
     d, layers = c.hidden_size, c.num_hidden_layers
     matmul = layers * (4 * d * d + 3 * d * c.intermediate_size) + d * c.vocab_size

@@ -25,7 +25,8 @@ from training.collectives import rank
 from common.errors import CheckpointError
 from .files import GENERATION_CONFIG, HF_TOKENIZER_FILES, write_hf_files
 from training.state import (HF_CONFIG, MANIFEST, RUN_CONFIG, TOKENIZER, WEIGHTS, FileLock, check_finite, fsync_dir,
-                            make_dirs, remove_empty_dirs, write_manifest)
+                            make_dirs, remove_empty_dirs, replace_dir, trash_of,
+                            write_manifest)
 from velora import strip_state_dict
 
 
@@ -113,14 +114,14 @@ def save_final(model, run_config, tokenizer_path, out_dir, dtype: torch.dtype = 
     if not allow_nonfinite:
         check_finite(tensors, f"the model being exported to {out_dir}")
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
-    tmp, old = (out_dir.with_name(f".{out_dir.name}.{what}{os.getpid()}") for what in ("tmp", "old"))
+    tmp, old = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}"), trash_of(out_dir)
     made = make_dirs(out_dir.parent)
     try:
         with export_lock(out_dir):
             check_export_target(out_dir, overwrite)      # again: another export may have finished meanwhile
             tmp.mkdir()
             _write_export(tmp, tensors, run_config, tokenizer_path, dtype, progress or {})
-            _install(tmp, out_dir, old)
+            undeleted = replace_dir(tmp, out_dir)
     except Exception as e:    # OSError from Python, SafetensorError from the Rust writer (e.g. a full disk)
         shutil.rmtree(tmp, ignore_errors=True)
         remove_empty_dirs(made)
@@ -133,9 +134,9 @@ def save_final(model, run_config, tokenizer_path, out_dir, dtype: torch.dtype = 
                                                                       if old.exists() else ""))
         raise CheckpointError(f"writing the export {out_dir} failed ({why}); {kept}; free space or fix "
                               f"permissions, then export again (scripts/export_hf.py)") from None
-    if os.path.lexists(old):
-        print(f"warning: exported {out_dir}, but could not delete the export it replaced, now {old}; delete it",
-              file=sys.stderr)
+    if undeleted is not None:
+        print(f"warning: exported {out_dir}, but could not delete the export it replaced, now {undeleted}; "
+              f"delete it", file=sys.stderr)
     return out_dir
 
 
@@ -145,22 +146,6 @@ def export_lock(out_dir: Path) -> FileLock:
         return CheckpointError(f"{out_dir}: another export is writing it now ({holder}); wait for it to end, then "
                                f"export again (with --overwrite to replace its result), or choose another --out")
     return FileLock(out_dir.with_name(f".{out_dir.name}.lock"), refuse)
-
-
-def _install(tmp: Path, out_dir: Path, old: Path) -> None:
-    """Rename `tmp` to `out_dir`; an earlier export there is moved to `old` first, back again when the rename
-    fails, and deleted after it succeeds."""
-    if out_dir.exists():
-        os.replace(out_dir, old)
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            os.replace(old, out_dir)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-    fsync_dir(out_dir.parent)
 
 
 def export_metadata(run_config, progress: dict) -> dict:

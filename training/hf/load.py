@@ -23,8 +23,8 @@ from model import LlamaForCausalLM
 from training.config import RunConfig, load_config
 from common.errors import CheckpointError, ConfigError
 from .export import plain_state_dict
-from training.state import (CHECKPOINTS, FINAL, LATEST, RUN_CONFIG, TOKENIZER, WEIGHTS, ZERO0_MODEL_FILE, RunDir,
-                            broken_archives, check_directory, check_finite, check_pickles, read_latest, safe_load)
+from training.state import (CHECKPOINTS, FINAL, RUN_CONFIG, TOKENIZER, WEIGHTS, ZERO0_MODEL_FILE, RunDir,
+                            broken_archives, check_directory, check_finite, check_pickles, follow_latest, safe_load)
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +53,16 @@ def resolve_checkpoint(path) -> CheckpointSource:
         return CheckpointSource("safetensors", path, path / RUN_CONFIG, path / TOKENIZER)
     if (path / FINAL / WEIGHTS).is_file():
         return resolve_checkpoint(path / FINAL)
-    if (path / CHECKPOINTS / LATEST).is_file():
+    tag = follow_latest(path)
+    if tag.parent == path / CHECKPOINTS:
         log.warning("note: %s has no final/ export (safetensors); reading the DeepSpeed checkpoint "
                     "named by checkpoints/latest", path)
-        return resolve_checkpoint(path / CHECKPOINTS)
-    if (path / LATEST).is_file():
-        return resolve_checkpoint(path / read_latest(path))
-    if list(path.glob("*model_states.pt")):
-        config = path / RUN_CONFIG
+    if list(tag.glob("*model_states.pt")):
+        config = tag / RUN_CONFIG
         if not config.is_file():  # a tag directory inside a run: fall back to the run's own config
-            config = RunDir(path.parent.parent).saved_run_config()
-        return CheckpointSource("deepspeed", path, config, path / TOKENIZER)
-    raise CheckpointError(f"{path}: not a checkpoint (no model.safetensors, final/, checkpoints/latest, "
+            config = RunDir(tag.parent.parent).saved_run_config()
+        return CheckpointSource("deepspeed", tag, config, tag / TOKENIZER)
+    raise CheckpointError(f"{tag}: not a checkpoint (no model.safetensors, final/, checkpoints/latest, "
                           f"latest or *model_states.pt); pass an exported final/, a run output directory "
                           f"or a DeepSpeed checkpoint directory")
 
@@ -89,7 +87,7 @@ def _check_archives(tag_dir: Path) -> None:
 def deepspeed_state_dict(tag_dir, trust: bool = False) -> dict:
     """The full-precision weights (and buffers) of one DeepSpeed checkpoint directory, consolidated on
     CPU: ZeRO 1-3 through DeepSpeed's zero_to_fp32 (fp32 master weights), ZeRO 0 from the module.
-    DeepSpeed unpickles fully, so its files are checked first (`checkpoint.check_pickles`) unless
+    DeepSpeed unpickles fully, so its files are checked first (`training.state.check_pickles`) unless
     `trust` is set."""
     tag_dir = Path(tag_dir)
     _check_archives(tag_dir)

@@ -18,7 +18,7 @@ is the slices of the parameters `fp16_groups[k]`, in order. Every matrix is then
 One all-gather at bind time tells every rank how much of each parameter every other rank holds, so they
 all agree on who holds what and on an owner per parameter (see GroupLayout.owner); it also checks that
 the pieces tile every parameter. The DeepSpeed names used here are in `PINNED`;
-tests/test_training_zero_optim.py checks that they exist and mean what is said above.
+tests/test_training_optim_zero.py checks that they exist and mean what is said above.
 """
 from __future__ import annotations
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from common.errors import CheckpointError
 from .integrity import has_manifest, legacy_warning, verify
-from .layout import CHECKPOINTS, LATEST, RUN_CONFIG, rank_state_name
+from .layout import LATEST, RUN_CONFIG, rank_state_name
 from .pickles import broken_archives
-from .tags import read_latest, step_dirs
+from .tags import follow_latest, read_latest, step_dirs
 
 
 def problem(step_dir: Path, world_size: int) -> str | None:
@@ -62,11 +62,7 @@ def find_resume(resume: str, ckpt_root: Path, world_size: int) -> tuple[Path | N
     """
     notes = []
     if resume != "auto":
-        path = Path(resume)
-        for root in (path, path / CHECKPOINTS):
-            if (root / LATEST).is_file():
-                path = root / read_latest(root)
-                break
+        path = follow_latest(resume)
         why = problem(path, world_size)
         if why:
             raise CheckpointError(f"--resume {resume}: {path} is not a usable checkpoint ({why}); "

@@ -99,23 +99,12 @@ def _commit(tmp: Path, final: Path, ckpt_root: Path, step: int, on_phase) -> Non
         elif f.is_dir():
             fsync_dir(f)
     fsync_dir(tmp)
-    trash = final.with_name(final.name + ".trash")
-    if final.exists():  # re-saving a step (e.g. after resuming from an older checkpoint)
-        final.rename(scratch.claim(trash))
-    tmp.rename(final)
-    fsync_dir(ckpt_root)
-    scratch.drop(tmp)
-    on_phase("checkpoint_commit", step)
-    atomic_write_text(ckpt_root / LATEST, final.name)
-    _delete(trash)
 
-
-def _delete(trash: Path) -> None:
-    """Delete a renamed-away checkpoint; its name stays recorded until it is gone (a failure is retried by
-    the next run's clean_stale)."""
-    shutil.rmtree(trash, ignore_errors=True)
-    if not trash.exists():
-        scratch.drop(trash)
+    def point_latest() -> None:
+        on_phase("checkpoint_commit", step)
+        atomic_write_text(ckpt_root / LATEST, final.name)
+    # re-saving a step (e.g. after resuming from an older checkpoint) replaces the directory
+    scratch.replace_dir(tmp, final, point_latest)
 
 
 def prune(ckpt_root: Path, keep_last: int) -> None:
@@ -124,6 +113,4 @@ def prune(ckpt_root: Path, keep_last: int) -> None:
     keep = {read_latest(ckpt_root, strict=False), read_healthy(ckpt_root)}
     for p in step_dirs(ckpt_root)[:-keep_last]:
         if p.name not in keep:
-            trash = scratch.claim(p.with_name(p.name + ".trash"))
-            p.rename(trash)
-            _delete(trash)
+            scratch.remove_dir(p)

@@ -1,9 +1,12 @@
 """Names a run creates for a moment beside what it keeps (a checkpoint being written, `step_N.tmp/`; one being
 replaced or deleted, `step_N.trash/`) are recorded in `<dir>/.scratch` before they are created and dropped
 from the record once gone. A killed run leaves the record behind; the next run deletes exactly the recorded
-names (`clean`) and nothing else of the directory, whatever the other names look like."""
+names (`clean`) and nothing else of the directory, whatever the other names look like. `replace_dir` and
+`remove_dir`, the one way this project replaces or deletes a directory it keeps (checkpoints, exports),
+go through such names."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -62,3 +65,49 @@ def clean(d: Path) -> list[str]:
         _remove(d / n)
     _write(d, [])
     return gone
+
+
+def trash_of(path: Path) -> Path:
+    """The recorded name `path` is renamed to while `replace_dir` or `remove_dir` deletes it."""
+    return path.with_name(path.name + ".trash")
+
+
+def _discard(trash: Path) -> Path | None:
+    """Delete a renamed-away directory; its name stays recorded until it is gone (a failure is retried by the
+    next `clean`). Returns `trash` when it is still there."""
+    shutil.rmtree(trash, ignore_errors=True)
+    if os.path.lexists(trash):
+        return trash
+    drop(trash)
+    return None
+
+
+def remove_dir(path: Path) -> Path | None:
+    """Delete the directory `path` so that a half-deleted one never shows under its name: it is renamed to a
+    recorded `<name>.trash` first. Returns the trash directory when it could not be deleted, else None."""
+    trash = claim(trash_of(path))
+    os.replace(path, trash)
+    return _discard(trash)
+
+
+def replace_dir(tmp: Path, final: Path, on_installed=None) -> Path | None:
+    """Rename the complete directory `tmp` to `final`, replacing an earlier `final`: that one is renamed to a
+    recorded `<name>.trash` first, put back when the second rename fails, and deleted once the new one is in
+    place and `on_installed()` (e.g. pointing `latest` at it) has run. The parent directory is fsynced after
+    the rename and `tmp`'s record, if it has one, dropped. Returns the old directory when it could not be
+    deleted (it stays recorded, so `clean` removes it later), else None."""
+    trash = trash_of(final) if os.path.lexists(final) else None
+    if trash:
+        os.replace(final, claim(trash))
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if trash:
+            os.replace(trash, final)
+            drop(trash)
+        raise
+    fsync_dir(final.parent)
+    drop(tmp)
+    if on_installed is not None:
+        on_installed()
+    return _discard(trash) if trash else None

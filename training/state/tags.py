@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from common.errors import CheckpointError
-from .layout import LATEST
+from .layout import CHECKPOINTS, LATEST
 
 TAG_RE = re.compile(r"^step_(\d+)$")
 
@@ -40,3 +40,14 @@ def read_latest(ckpt_root: Path, strict: bool = True) -> str | None:
         return None
     raise CheckpointError(f"{f}: {why or f'names checkpoint {tag!r}, which does not exist in {ckpt_root}'}; pass "
                           f"one of its step_N directories instead")
+
+
+def follow_latest(path) -> Path:
+    """The one resolver of the path forms that name a checkpoint (`--resume PATH`, `load_model`): a
+    checkpoints directory stands for the tag its `latest` names, a run directory for its `checkpoints/latest`;
+    any other path (a step directory, or no checkpoint at all: the caller says why) is returned as it is."""
+    path = Path(path)
+    for root in (path, path / CHECKPOINTS):
+        if (root / LATEST).is_file():
+            return root / read_latest(root)
+    return path

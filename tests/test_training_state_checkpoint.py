@@ -1,16 +1,19 @@
-"""Checkpoint bookkeeping without DeepSpeed: which checkpoint a resume picks, pruning, RNG states.
+"""Checkpoint bookkeeping without DeepSpeed: which checkpoint a resume picks, pruning, replacing a directory,
+RNG states.
 
 Saving and loading through a real engine, and exact resume, are tested end to end in
 tests/test_train_c4.py."""
 import json
+import os
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from training.state import (RUN_CONFIG, atomic_write_text, check_compatible, clean_stale, find_resume, prune,
-                            rank_state_name, read_latest, rng_state, set_rng_state, step_dirs, write_manifest)
+from training.state import (RUN_CONFIG, atomic_write_text, check_compatible, clean_stale, find_resume, follow_latest,
+                            prune, rank_state_name, read_latest, replace_dir, rng_state, set_rng_state, step_dirs,
+                            write_manifest)
 from training.config import load_config
 from common.errors import CheckpointError
 
@@ -90,6 +93,54 @@ def test_clean_stale_removes_only_the_recorded_leftovers_of_interrupted_saves(tm
                                               r"it out of "):
         scratch.claim(root / "step_2.trash")
     assert (root / "step_2.trash").is_dir() and not (root / scratch.RECORD).exists()
+
+
+def test_resume_and_load_resolve_the_same_path_forms(tmp_path):
+    from training.hf import resolve_checkpoint
+    root = tmp_path / "run" / "checkpoints"
+    d = fake_checkpoint(root, 5)
+    fake_checkpoint(root, 7)
+    atomic_write_text(root / "latest", "step_5")
+    for given in (d, root, tmp_path / "run"):
+        assert follow_latest(given) == d and find_resume(str(given), root, 1)[0] == d
+        assert resolve_checkpoint(given).dir == d and resolve_checkpoint(given).kind == "deepspeed"
+
+
+def test_replace_dir_leaves_only_recorded_names_behind_and_puts_the_old_one_back_on_failure(tmp_path, monkeypatch):
+    final, new = tmp_path / "step_1", tmp_path / "step_1.tmp"
+
+    def make(d, text):
+        d.mkdir()
+        (d / "f").write_text(text)
+    make(final, "old"), make(new, "new")
+    seen = []
+    assert replace_dir(new, final, lambda: seen.append(sorted(p.name for p in tmp_path.iterdir()))) is None
+    assert seen == [[".scratch", "step_1", "step_1.trash"]]            # the old one, recorded until it is gone
+    assert (final / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["step_1"]
+    make(new, "killed")
+
+    def killed():
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):                             # a kill before the old one is deleted
+        replace_dir(new, final, killed)
+    assert clean_stale(tmp_path) == ["step_1.trash"] and (final / "f").read_text() == "killed"
+    (tmp_path / "step_1.trash").mkdir()                                # the user's: never touched
+    make(new, "newer")
+    with pytest.raises(CheckpointError, match="step_1.trash: exists but was not made by this project"):
+        replace_dir(new, final)
+    assert (final / "f").read_text() == "killed" and (tmp_path / "step_1.trash").is_dir()
+    (tmp_path / "step_1.trash").rmdir()
+    real = os.replace
+
+    def replace(src, dst):
+        if src == new:
+            raise OSError(5, "Input/output error")
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="Input/output error"):
+        replace_dir(new, final)
+    assert (final / "f").read_text() == "killed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1", "step_1.tmp"]
 
 
 def test_check_compatible_refuses_another_model_and_notes_other_changes(tmp_path):

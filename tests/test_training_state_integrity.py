@@ -13,7 +13,7 @@ import torch
 
 from ckpt_helpers import exported_run, flip_tensor_byte
 from conftest import REPO, env
-from test_training_checkpoint import fake_checkpoint
+from test_training_state_checkpoint import fake_checkpoint
 from training.state import MANIFEST, file_crc32, find_resume, has_manifest, problem, verify, write_manifest
 from common.errors import CheckpointError
 from training.hf import load_model

@@ -1,9 +1,9 @@
 """training.state.health without DeepSpeed: which tensors the finiteness check sees, the record of the newest
 checkpoint verified healthy, pruning around it, and setting a diverged checkpoint aside. The run's use of
-them is tested end to end in tests/test_train_health.py."""
+them is tested end to end in tests/test_train_c4_health.py."""
 import torch
 
-from test_training_checkpoint import fake_checkpoint
+from test_training_state_checkpoint import fake_checkpoint
 from training.state import mark_healthy, nonfinite_tensors, prune, read_healthy, read_latest, set_aside, step_dirs
 
 
