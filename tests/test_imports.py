@@ -1,7 +1,9 @@
-"""The house's import rules, read off the source with `ast` (nothing is imported): a module under training/
-reaches another sub-package of training/ only through the names its `__init__.py` exports, never a private
-one; and the lower floors (common/, data/, model/, velora/) import nothing from training/."""
+"""The house's import rules, read off the source with `ast`: a module under training/ reaches another
+sub-package of training/ only through the names its `__init__.py` exports, never a private one; the lower
+floors (common/, data/, model/, velora/) import nothing from training/; and reading a config imports no torch."""
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,12 @@ def test_the_scan_sees_every_way_in(tmp_path, module, is_package, source, found)
     (tmp_path / "state" / "scratch.py").write_text("")
     bad = violations(source, module, is_package, {"state", "hf"}, tmp_path)
     assert len(bad) == len(found) and all(b.startswith(f) for b, f in zip(bad, found)), bad
+
+
+def test_a_config_error_comes_before_torch_is_imported():
+    """train_c4.py reads the config before it imports torch (config errors at once): training.config must
+    not import training.state, whose modules import torch, at import time."""
+    code = ("import sys, train_c4, training.config, training.cli; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]

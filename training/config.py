@@ -18,7 +18,6 @@ from model import LlamaConfig
 from velora.config import VeLoRAConfig
 
 from common.errors import ConfigError, check_choice
-from .state import atomic_write_text
 
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "galore_adamw", "galore_adafactor")
@@ -150,6 +149,7 @@ class RunConfig:
 
     def save(self, path: str | Path) -> None:
         """Write the resolved config (after overrides) as JSON, atomically."""
+        from .state import atomic_write_text   # here: training.state imports torch, config errors come before it
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
 
