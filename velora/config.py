@@ -9,7 +9,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 # `all` leaves o_proj out: its input is the attention output, which scaled_dot_product_attention keeps
 # for its own backward, so compressing it frees nothing and only adds what the codec stores.
 TARGET_PRESETS = {"none": (), "paper": ("v_proj", "down_proj"),
-           "all": ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")}
+                  "all": ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")}
 # Projections that read one tensor: compressing only part of a group frees nothing for that input.
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # The official script's grouping (sub_token_size 0), the one default M of every codec: a fixed number of
@@ -46,7 +46,7 @@ def parse_init(init: str) -> float | None:
         if 0.0 < decay < 1.0:
             return decay
     raise ConfigError(f"velora.init: expected batch_average_once, batch_average, ema:<decay in (0,1)> "
-                     f"or random, got {init!r}")
+                      f"or random, got {init!r}")
 
 
 def check_codec(name: str, where: str = "velora.codec") -> str:
