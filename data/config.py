@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import DataError, check_choice
+from common.errors import ConfigError, check_choice, check_positive, check_range
 
 # DataLoader worker processes per rank that `data.num_workers=auto` gives on a GPU: what llama_60m at 40% MFU
 # consumes on one H100, from one core's measured pipeline rate, plus one spare (docs/BENCHMARKS.md, "Data
@@ -46,39 +46,31 @@ class DataConfig:
     doc_order: str = ""
 
     def __post_init__(self):
-        check_choice("data.source", self.source, ("builtin", "c4", "local"), DataError)
-        check_choice("data.packing", self.packing, ("concat", "galore"), DataError)
+        check_choice("data.source", self.source, ("builtin", "c4", "local"))
+        check_choice("data.packing", self.packing, ("concat", "galore"))
         if self.source == "local" and not self.path:
-            raise DataError("data.path: required when data.source is 'local' (a directory of C4 shards "
-                            "or one .json.gz/.jsonl file)")
-        for name in ("seq_len", "val_tokens", "shuffle_buffer"):
-            if getattr(self, name) <= 0:
-                raise DataError(f"data.{name}: must be positive, got {getattr(self, name)}")
-        if self.seq_len < 2:
-            raise DataError(f"data.seq_len: must be at least 2, got {self.seq_len}")
-        for name in ("epochs", "val_skip_tokens"):
-            if getattr(self, name) < 0:
-                raise DataError(f"data.{name}: must be >= 0, got {getattr(self, name)}")
-        if self.num_workers != "auto" and not (type(self.num_workers) is int and self.num_workers >= 0):
-            raise DataError(f"data.num_workers: expected a number >= 0 or auto, got {self.num_workers!r}")
-        if self.pin_memory not in (True, False, "auto"):
-            raise DataError(f"data.pin_memory: expected true, false or auto, got {self.pin_memory!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise DataError(f"data.seed: must be >= 0, got {self.seed}")
+            raise ConfigError("data.path: required when data.source is 'local' (a directory of C4 shards "
+                              "or one .json.gz/.jsonl file)")
+        for name in ("val_tokens", "shuffle_buffer"):
+            check_positive(f"data.{name}", getattr(self, name))
+        check_range("data.seq_len", self.seq_len, 2, what="at least 2", integer=True)
+        for name in ("epochs", "val_skip_tokens", "seed"):
+            check_range(f"data.{name}", getattr(self, name), 0, integer=True)
+        if self.num_workers != "auto":
+            check_range("data.num_workers", self.num_workers, 0, what="a number >= 0 or auto", integer=True)
+        check_choice("data.pin_memory", self.pin_memory, (True, False, "auto"))
+        check_choice("data.add_bos", self.add_bos, (True, False, "auto"))
         if self.cache_dir and Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():
-            raise DataError(f"data.cache_dir: {self.cache_dir} is a file, not a directory; point it at a directory "
-                            f"(it is created when missing)")
-        if self.add_bos not in (True, False, "auto"):
-            raise DataError(f"data.add_bos: expected true, false or auto, got {self.add_bos!r}")
-        if not isinstance(self.pad_id, int) or self.pad_id < -1:
-            raise DataError(f"data.pad_id: expected a token id >= 0, or -1 for the tokenizer's own, got {self.pad_id!r}")
+            raise ConfigError(f"data.cache_dir: {self.cache_dir} is a file, not a directory; point it at a directory "
+                              f"(it is created when missing)")
+        check_range("data.pad_id", self.pad_id, -1, what="a token id >= 0, or -1 for the tokenizer's own",
+                    integer=True)
         if self.doc_order and self.packing != "galore":
-            raise DataError(f"data.doc_order: replays documents one row each, so it needs data.packing=galore "
-                            f"(got {self.packing})")
+            raise ConfigError(f"data.doc_order: replays documents one row each, so it needs data.packing=galore "
+                              f"(got {self.packing})")
         if self.doc_order and self.num_workers not in (0, "auto"):
-            raise DataError("data.doc_order: the fixed order is read in the main process; set data.num_workers=0")
-        if not 0.0 <= self.max_bad_fraction < 1.0:
-            raise DataError(f"data.max_bad_fraction: expected a value in [0, 1), got {self.max_bad_fraction}")
+            raise ConfigError("data.doc_order: the fixed order is read in the main process; set data.num_workers=0")
+        check_range("data.max_bad_fraction", self.max_bad_fraction, 0.0, 1.0, what="in [0, 1)")
 
     @property
     def bos(self) -> bool:
@@ -88,7 +80,7 @@ class DataConfig:
     def loader(self, cuda: bool) -> tuple[int, bool]:
         """(DataLoader workers, pin memory) with `auto` resolved for a run on a GPU (`cuda`) or on CPU."""
         if self.pin_memory is True and not cuda:
-            raise DataError("data.pin_memory=true: page-locked memory is for copies to a GPU and this run has none; "
+            raise ConfigError("data.pin_memory=true: page-locked memory is for copies to a GPU and this run has none; "
                             "set data.pin_memory=auto (or false)")
         workers = (0 if self.doc_order else AUTO_WORKERS_CUDA if cuda else 0) if self.num_workers == "auto" \
             else self.num_workers

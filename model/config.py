@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
+
+from common.errors import ConfigError, check_positive, check_range
 
 # Keys that appear in GaLore's / HF's JSON but mean nothing to a from-scratch model: accepted, ignored.
 _INFORMATIONAL_KEYS = {"architectures", "model_type", "transformers_version", "use_cache", "torch_dtype",
@@ -45,26 +46,21 @@ class LlamaConfig:
             value = getattr(self, f.name)
             expected = {"int": int, "float": (int, float), "bool": bool}[f.type]
             if isinstance(value, bool) != (f.type == "bool") or not isinstance(value, expected):
-                raise ValueError(f"model.{f.name}: expected {f.type}, got {value!r}")
-        positive = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "max_sequence_length"]
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"model.{name}: must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"model.{f.name}: expected {f.type}, got {value!r}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "max_sequence_length"):
+            check_positive(f"model.{name}", getattr(self, name))
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by "
-                             f"num_attention_heads={self.num_attention_heads}")
+            raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                              f"{self.num_attention_heads}; change one of them")
         if (self.hidden_size // self.num_attention_heads) % 2:
-            raise ValueError("model: head dimension must be even for rotary embeddings")
-        if self.loss_chunk_size < 0:
-            raise ValueError(f"model.loss_chunk_size: must be >= 0, got {self.loss_chunk_size}")
+            raise ConfigError(f"model: head dimension {self.head_dim} must be even for rotary embeddings; change "
+                              f"model.hidden_size or model.num_attention_heads")
+        check_range("model.loss_chunk_size", self.loss_chunk_size, 0)
         # Values that make every forward NaN: refused here rather than reported as a diverged loss.
-        for name, ok, what in (("initializer_range", self.initializer_range > 0, "positive"),
-                               ("rope_theta", self.rope_theta > 0, "positive"),
-                               ("rms_norm_eps", self.rms_norm_eps >= 0, ">= 0")):
-            value = getattr(self, name)
-            if not (ok and math.isfinite(value)):
-                raise ValueError(f"model.{name}: must be {what} and finite, got {value}")
+        check_positive("model.initializer_range", self.initializer_range)
+        check_positive("model.rope_theta", self.rope_theta)
+        check_range("model.rms_norm_eps", self.rms_norm_eps, 0)
 
     @property
     def head_dim(self) -> int:
@@ -76,7 +72,7 @@ class LlamaConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known - _INFORMATIONAL_KEYS)
         if unknown:
-            raise ValueError(f"model: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+            raise ConfigError(f"model: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
         if "max_position_embeddings" in d and "max_sequence_length" not in d:
             d = {**d, "max_sequence_length": d["max_position_embeddings"]}
         return cls(**{k: v for k, v in d.items() if k in known})

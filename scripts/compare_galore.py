@@ -84,8 +84,7 @@ METHODS = {
                             centre=0.01, reference="full_rank_split"),
     "velora_all_split": Method("VeLoRA all, matrices at 0.25 x lr", [ALL, "optim.matrix_lr_scale=0.25"], centre=0.01,
                                reference="full_rank_split"),
-    "sr2_velora_down": Method("sr2 for q/k/v + gate/up, VeLoRA down_proj",
-                              [ALL, "velora.codec=sr2", 'velora.codec_overrides={"down_proj":"velora"}']),
+    "sr2_hybrid": Method("sr2 for q/k/v + gate/up, VeLoRA down_proj", ["velora.setting=sr2_hybrid"]),
     "velora_all_galore": Method("VeLoRA all + GaLore AdamW", [ALL], galore=True),
     "velora_all_memopts": Method("VeLoRA all + loss_chunk_size + recompute_swiglu",
                                  [ALL, "model.loss_chunk_size=1024", "model.recompute_swiglu=true"]),
@@ -99,9 +98,8 @@ METHODS = {
                             "deepspeed.zero_force_ds_cpu_optimizer=false"]),
     "adamw8bit_sr2_all": Method("8-bit AdamW + sr2 all", ["optim.name=adamw8bit", ALL, "velora.codec=sr2"]),
     "galore_sr2_all": Method("GaLore AdamW + sr2 all", [ALL, "velora.codec=sr2"], galore=True),
-    "sr2_velora_down_memopts": Method("sr2 for q/k/v + gate/up, VeLoRA down_proj + loss_chunk_size + recompute_swiglu",
-                                      [ALL, "velora.codec=sr2", 'velora.codec_overrides={"down_proj":"velora"}',
-                                       "model.loss_chunk_size=1024", "model.recompute_swiglu=true"]),
+    "sr2_hybrid_memopts": Method("sr2 for q/k/v + gate/up, VeLoRA down_proj + loss_chunk_size + recompute_swiglu",
+                                 ["velora.setting=sr2_hybrid", "model.loss_chunk_size=1024", "model.recompute_swiglu=true"]),
 }
 GALORE_LR = 0.01
 # The paper's 60M sub-token sizes (M = 8 for hidden-wide inputs, 16 for down_proj): at small widths the
@@ -151,7 +149,7 @@ PRESETS = {
         "model.num_hidden_layers=2", "model.vocab_size=2048", "model.max_sequence_length=128", "data.seq_len=128",
         "data.val_tokens=65536", "deepspeed.train_batch_size=16", "deepspeed.train_micro_batch_size_per_gpu=16",
         "optim.warmup_ratio=0.1", "deepspeed.gradient_clipping=1.0"],
-        ["full_rank", "full_rank_split", "galore", "velora_paper", "velora_all", "sr2_all", "sr2_velora_down"],
+        ["full_rank", "full_rank_split", "galore", "velora_paper", "velora_all", "sr2_all", "sr2_hybrid"],
         tokens=1200 * 16 * 128, seeds=5, lr_sweep=True, lr_points=3, tune_seeds=1, scales=[0.25, 0.5, 1.0],
         lrs={"full_rank": 0.004}, jobs=2, evals=24, heldout_tokens=10_000_000),
     # The official codes' setup (GaLore's torchrun_main.py and VeLoRA's script on LLaMA-20M): see
@@ -386,10 +384,9 @@ def measure(run, measure_batch: int) -> dict:
     seed_everything(cfg.train.seed)
     model, _ = build_model(cfg)
     ids = torch.randint(0, cfg.model.vocab_size, (b, cfg.data.seq_len))
-    bf16 = bool(cfg.deepspeed.get("bf16", {}).get("enabled"))
-    rep = measure_step(model, ids, torch.bfloat16 if bf16 else None)
+    rep = measure_step(model, ids, torch.bfloat16 if cfg.bf16 else None)
     optimizer, _, _ = build_optimizer(model, cfg)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
         loss = model(ids, labels=ids)
     loss.backward()
     optimizer.step()

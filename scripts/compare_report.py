@@ -252,7 +252,7 @@ def _setup_line(facts: dict) -> str:
             f"{m.num_attention_heads} heads, vocab {m.vocab_size}. Data: `{base.data.source}`"
             + (f" (`{base.data.path}`)" if base.data.path else "") + f", tokenizer `{base.data.tokenizer}`, "
             f"packing `{base.data.packing}`, sequence {base.data.seq_len}, min lr ratio {base.optim.min_lr_ratio:g}, "
-            f"{'bf16' if base.deepspeed.get('bf16', {}).get('enabled') else 'fp32'}. GaLore: rank "
+            f"{'bf16' if base.bf16 else 'fp32'}. GaLore: rank "
             f"{facts['galore_rank']}, update_proj_gap {facts['galore_gap']}, scale 0.25 (one lr, the projected "
             f"matrices' updates scaled by 0.25), ZeRO 0. VeLoRA: rank {base.velora.rank}, sub_token_size "
             f"{base.velora.sub_token_size or 'paper grouping'}"

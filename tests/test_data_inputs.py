@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from common.errors import ConfigError
 from data import DataConfig, DataError, TrainBatches, load_tokenizer, validation_batches
 from data.builtin import VALIDATION_EVERY, title_digest
 from conftest import NumTokenizer, cfg_for, good, lines_shard, make_corpus, read_all
@@ -73,14 +74,14 @@ def test_missing_path_and_directory_without_shards(tmp_path):
 
 
 def test_bad_config_values_name_the_key():
-    with pytest.raises(DataError, match="data.packing: expected one of concat, galore, got 'pack'"):
+    with pytest.raises(ConfigError, match="data.packing: expected one of concat, galore, got 'pack'"):
         DataConfig(packing="pack")
-    with pytest.raises(DataError, match="data.path: required when data.source is 'local'"):
+    with pytest.raises(ConfigError, match="data.path: required when data.source is 'local'"):
         DataConfig(source="local")
     for bad in (-1, "many", 1.5, True):
-        with pytest.raises(DataError, match="data.num_workers: expected a number >= 0 or auto, got "):
+        with pytest.raises(ConfigError, match="data.num_workers: must be a number >= 0 or auto, got "):
             DataConfig(num_workers=bad)
-    with pytest.raises(DataError, match="data.pin_memory: expected true, false or auto, got 'yes'"):
+    with pytest.raises(ConfigError, match="data.pin_memory: expected one of true, false, auto, got 'yes'"):
         DataConfig(pin_memory="yes")
 
 
@@ -91,7 +92,7 @@ def test_loader_defaults_workers_and_pinned_memory_on_a_gpu_only():
     assert DataConfig().loader(cuda=True) == (AUTO_WORKERS_CUDA, True)
     assert DataConfig(num_workers=2, pin_memory=False).loader(cuda=True) == (2, False)
     assert DataConfig(num_workers=3).loader(cuda=False) == (3, False)
-    with pytest.raises(DataError, match="data.pin_memory=true: page-locked memory is for copies to a GPU and this "
+    with pytest.raises(ConfigError, match="data.pin_memory=true: page-locked memory is for copies to a GPU and this "
                                         "run has none; set data.pin_memory=auto"):
         DataConfig(pin_memory=True).loader(cuda=False)
 

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from conftest import NumTokenizer, cfg_for, make_corpus
+from common.errors import ConfigError
 from data import DataError, TrainBatches, validation_batches
 
 
@@ -71,5 +72,5 @@ def test_bad_order_files_are_one_line_errors(tmp_path, orders, fragment):
                                           ({"packing": "galore", "num_workers": 2}, "data.num_workers=0"),
                                           ({"packing": "galore", "pad_id": -2}, "data.pad_id")])
 def test_bad_settings_are_refused(tmp_path, kw, fragment):
-    with pytest.raises(DataError, match=fragment):
+    with pytest.raises(ConfigError, match=fragment):
         cfg_for(tmp_path, doc_order="order.json", **kw)

@@ -174,10 +174,11 @@ def test_val_skip_tokens_gives_the_next_disjoint_slice(tmp_path):
     second = rows_of(validation_batches(cfg_for(tmp_path, val_tokens=100, val_skip_tokens=100), tok, 2))
     assert not set(first) & set(second)
     assert both[:len(first)] == first and second[:len(both) - len(first)] == both[len(first):]
+    from common.errors import ConfigError
     from data import DataError
     with pytest.raises(DataError, match="data.val_skip_tokens=100000 skips the whole validation split"):
         validation_batches(cfg_for(tmp_path, val_skip_tokens=100_000), tok, 2)
-    with pytest.raises(DataError, match="data.val_skip_tokens: must be >= 0, got -1"):
+    with pytest.raises(ConfigError, match="data.val_skip_tokens: must be >= 0, got -1"):
         cfg_for(tmp_path, val_skip_tokens=-1)
 
 

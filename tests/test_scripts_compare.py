@@ -277,3 +277,13 @@ def test_every_method_is_a_valid_run_config(preset):
         if compare_galore.inherits_scale(method):
             scaled = load_config(plan.config, plan.run(method, 0.001, 1000, 0.5)["sets"])
             assert (scaled.optim.matrix_lr_scale, scaled.data.val_skip_tokens) == (0.5, 0)
+
+
+def test_sr2_hybrid_method_is_the_velora_setting_of_that_name():
+    """One thing, one name: the comparison's hybrid runs exactly `velora.setting=sr2_hybrid`."""
+    from training.config import load_config
+
+    velora = load_config("configs/llama_tiny.json", compare_galore.METHODS["sr2_hybrid"].sets).velora
+    assert velora.setting == "sr2_hybrid"
+    assert {p: velora.codec_for(p) for p in velora.target_list} == {
+        "q_proj": "sr2", "k_proj": "sr2", "v_proj": "sr2", "gate_proj": "sr2", "up_proj": "sr2", "down_proj": "velora"}

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from model import LlamaConfig, LlamaForCausalLM
-from velora import VeLoRAConfig, VeLoRALinear, apply_velora, stored_bytes
-from velora.config import PRESETS
+from velora import CompressedLinear, VeLoRAConfig, apply_velora, stored_bytes
+from velora.config import TARGET_PRESETS
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4)
 
@@ -54,7 +54,7 @@ def test_parameter_names_groups_and_buffers():
     model, summary = apply_velora(copy.deepcopy(plain), VeLoRAConfig(targets="all"))
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in plain.named_parameters()]
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-    assert isinstance(attn.q_proj, VeLoRALinear)
+    assert isinstance(attn.q_proj, CompressedLinear)
     assert attn.q_proj.codec is attn.k_proj.codec is attn.v_proj.codec
     assert mlp.gate_proj.codec is mlp.up_proj.codec and mlp.down_proj.codec is not mlp.up_proj.codec
     assert (attn.q_proj.codec.sub_token_size, mlp.down_proj.codec.sub_token_size) == (1, 2)  # ceil(64/64), ceil(172/86)
@@ -74,8 +74,8 @@ def test_group_shares_one_z_and_state_dict_round_trip():
     fresh, _ = apply_velora(_ours(seed=1), VeLoRAConfig(targets="all", sub_token_size=8))
     fresh.load_state_dict(model.state_dict())
     for a, b in zip(model.modules(), fresh.modules()):
-        if isinstance(a, VeLoRALinear):
-            assert torch.equal(a.v, b.v) and bool(b.initialized)
+        if isinstance(a, CompressedLinear):
+            assert torch.equal(a.codec.v, b.codec.v) and bool(b.codec.initialized)
 
 
 def test_partial_group_and_missing_targets_warn():
@@ -106,7 +106,7 @@ def test_activation_checkpointing_recompute_does_not_update_v_again():
 def test_named_setting_fills_targets_and_codecs_and_refuses_contradictions():
     from velora.config import SETTINGS
     cfg = VeLoRAConfig(setting="sr2_hybrid")
-    assert cfg.target_list == PRESETS["all"] and cfg.codec_for("q_proj") == "sr2"
+    assert cfg.target_list == TARGET_PRESETS["all"] and cfg.codec_for("q_proj") == "sr2"
     assert cfg.codec_for("down_proj") == "velora" and SETTINGS["sr2_hybrid"]["codec"] == "sr2"
     assert VeLoRAConfig(**dataclasses.asdict(cfg)).codec_overrides == {"down_proj": "velora"}   # a saved config reloads
     assert VeLoRAConfig(setting="sr2_all").codec_for("down_proj") == "sr2"

@@ -7,9 +7,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from velora import VeLoRAConfig, VeLoRALinear, apply_velora
+from velora import CompressedLinear, VeLoRAConfig, apply_velora
 from velora.codecs.quant import sr_encode, unpack
 from velora.memory import saved_bytes
+from velora_helpers import compressed
 
 D, OUT, N, M = 40, 12, 48, 8          # D = 5 sub-tokens of 8, or a group of 32 + a padded one at G = 32
 STOCHASTIC = ["sr2", "sr4", "sr8", "rademacher", "gaussian", "pca"]
@@ -18,7 +19,7 @@ STOCHASTIC = ["sr2", "sr4", "sr8", "rademacher", "gaussian", "pca"]
 def _layer(codec, **kw):
     torch.manual_seed(0)
     kw = {"sub_token_size": M, "group_size": 32, "refresh_every": 10**6, **kw}
-    return VeLoRALinear(D, OUT, codec=codec, **kw)
+    return compressed(D, OUT, codec=codec, **kw)
 
 
 def _data(seed=1):
@@ -142,7 +143,8 @@ def test_stored_bytes_equal_the_formula(codec, dtype):
 
     saved = sum(saved_bytes(layer, step).values())
     per_token = layer.codec.stored_bytes_per_token(dtype or torch.float32)
-    assert saved == per_token * N + layer.codec.fixed_stored_bytes() == layer.codec.last_stored_bytes
+    snapshot = layer.codec.v.numel() * 4 if codec == "velora" else 0     # velora also keeps v as it was
+    assert saved == per_token * N + snapshot == layer.codec.last_stored_bytes
     assert per_token < D * 4 / 2 or codec == "sr8"       # well under half of fp32 x (sr8 with G = 32: half)
 
 
@@ -174,7 +176,7 @@ def test_codec_overrides_make_hybrids_per_input_group():
     layer = model.model.layers[0]
     assert [g.codec.name for g in summary.groups] == ["sr2", "sr2", "velora"]
     assert layer.self_attn.q_proj.codec is layer.self_attn.v_proj.codec
-    assert not isinstance(layer.self_attn.o_proj, VeLoRALinear)           # `all` leaves o_proj out
+    assert not isinstance(layer.self_attn.o_proj, CompressedLinear)           # `all` leaves o_proj out
     assert "sr2 G=128" in str(summary) and "velora M=8 r=1" in str(summary)
     ids = torch.randint(0, 64, (2, 8))
     model(ids, labels=ids).backward()
@@ -271,10 +273,10 @@ def test_float16_coefficients_and_grad_scale_follow_the_official_code_bitwise():
     w_ref = weight.clone().requires_grad_(True)
     _OfficialVeLoRA.apply(x, w_ref, torch.einsum("h s, r s -> h", x16, v16), v16, 1.5).backward(gy)
 
-    layer = VeLoRALinear(d, out, sub_token_size=m, coef_dtype="float16", grad_scale=1.5)
+    layer = compressed(d, out, sub_token_size=m, coef_dtype="float16", grad_scale=1.5)
     layer.weight.data.copy_(weight)
     layer(x).backward(gy)
-    assert torch.equal(layer.v, v16.float())
+    assert torch.equal(layer.codec.v, v16.float())
     assert torch.equal(layer.weight.grad, w_ref.grad)
 
 

@@ -6,7 +6,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from velora import VeLoRALinear
+from velora_helpers import compressed
 
 
 def _batch(rank):
@@ -18,14 +18,14 @@ def _worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         torch.manual_seed(0)
-        layers = [VeLoRALinear(20, 3, sub_token_size=8), VeLoRALinear(20, 3, sub_token_size=8, rank=2)]
+        layers = [compressed(20, 3, sub_token_size=8), compressed(20, 3, sub_token_size=8, rank=2)]
         for layer in layers:
             layer(_batch(rank).requires_grad_()).sum().backward()
-        pca = VeLoRALinear(20, 3, sub_token_size=4, codec="pca")
-        sr2 = VeLoRALinear(20, 3, codec="sr2", group_size=4)
+        pca = compressed(20, 3, sub_token_size=4, codec="pca")
+        sr2 = compressed(20, 3, codec="sr2", group_size=4)
         for layer in (pca, sr2):
             layer(_batch(rank).requires_grad_()).sum().backward()
-        torch.save({"v": [layer.v for layer in layers], "pca": pca.codec.basis, "sr2_forwards": sr2.codec.forwards,
+        torch.save({"v": [layer.codec.v for layer in layers], "pca": pca.codec.basis, "sr2_forwards": sr2.codec.forwards,
                     "sr2_seed": sr2.codec.forward_seed(0)}, f"{out_dir}/v{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -6,14 +6,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from velora import VeLoRALinear
+from velora_helpers import compressed
 
 
 def _pair(d_in, d_out, m, rank=1, bias=False, seed=0):
-    """An nn.Linear and a VeLoRALinear with the same weights."""
+    """An nn.Linear and a CompressedLinear (velora codec) with the same weights."""
     torch.manual_seed(seed)
     lin = nn.Linear(d_in, d_out, bias=bias)
-    vl = VeLoRALinear(d_in, d_out, bias=bias, sub_token_size=m, rank=rank)
+    vl = compressed(d_in, d_out, bias=bias, sub_token_size=m, rank=rank)
     vl.load_state_dict(lin.state_dict(), strict=False)
     return lin, vl
 
@@ -42,7 +42,7 @@ def test_forward_and_gradients(d_in, m, rank, bias):
     y_ref.backward(g)
     torch.testing.assert_close(x.grad, x2.grad)
     # grad_W against an independent float64 evaluation of grad_yᵀ x̂.
-    xh = _reconstruct64(x.detach(), vl.v)
+    xh = _reconstruct64(x.detach(), vl.codec.v)
     expected = g.double().reshape(-1, 24).t() @ xh
     torch.testing.assert_close(vl.weight.grad.double(), expected, rtol=1e-5, atol=1e-5)
     if bias:
@@ -54,8 +54,8 @@ def test_full_rank_orthonormal_is_exact():
     lin, vl = _pair(32, 16, m, rank=m, bias=True)
     vl.codec.init = "random"          # keep the orthonormal v set below
     q = torch.linalg.qr(torch.randn(m, m, dtype=torch.float64)).Q
-    vl.v.copy_(q.t().float())
-    vl.initialized.fill_(True)
+    vl.codec.v.copy_(q.t().float())
+    vl.codec.initialized.fill_(True)
     x = torch.randn(4, 7, 32, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     g = 0.1 * torch.randn(4, 7, 16)      # gradient scale of a real loss; atol is absolute
@@ -77,7 +77,7 @@ def test_bf16_autocast_matches_linear_and_keeps_dtypes():
         y_ref.float().sum().backward()
     assert x.grad.dtype == torch.float32 and vl.weight.grad.dtype == torch.float32
     torch.testing.assert_close(x.grad, x2.grad)
-    xh = _reconstruct64(x.detach(), vl.v)
+    xh = _reconstruct64(x.detach(), vl.codec.v)
     expected = torch.ones(16, 32, dtype=torch.float64).t() @ xh
     torch.testing.assert_close(vl.weight.grad.double(), expected, rtol=2e-2, atol=2e-2)
 
@@ -90,14 +90,14 @@ def test_bf16_parameters():
     assert y.dtype == torch.bfloat16 and torch.equal(y, lin(x.detach()))
     y.sum().backward()
     assert x.grad.dtype == vl.weight.grad.dtype == vl.bias.grad.dtype == torch.bfloat16
-    expected = torch.ones(8, 16, dtype=torch.float64).t() @ _reconstruct64(x.detach(), vl.v)
+    expected = torch.ones(8, 16, dtype=torch.float64).t() @ _reconstruct64(x.detach(), vl.codec.v)
     torch.testing.assert_close(vl.weight.grad.double(), expected, rtol=2e-2, atol=2e-2)
 
 
 def test_int8_coefficients_close_to_compute_dtype():
     torch.manual_seed(0)
-    a = VeLoRALinear(64, 16, sub_token_size=8)
-    b = VeLoRALinear(64, 16, sub_token_size=8, coef_dtype="int8")
+    a = compressed(64, 16, sub_token_size=8)
+    b = compressed(64, 16, sub_token_size=8, coef_dtype="int8")
     b.load_state_dict(a.state_dict())
     x = torch.randn(4, 64) + 1.0
     a(x).sum().backward()
@@ -115,7 +115,7 @@ def test_eval_and_no_grad_are_plain_linear_and_leave_v():
     y = vl(x.requires_grad_())
     assert torch.equal(y, lin(x))
     assert y.grad_fn.name() != "CompressedLinearBackward"
-    assert not vl.initialized and torch.count_nonzero(vl.v) == 0
+    assert not vl.codec.initialized and torch.count_nonzero(vl.codec.v) == 0
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -124,7 +124,7 @@ def test_weight_grad_is_one_matmul_in_the_compute_dtype(monkeypatch, autocast):
     not an fp32 matmul; in fp32 it stays fp32."""
     from velora.codecs.quant import StochasticRounding
     torch.manual_seed(0)
-    layer = VeLoRALinear(64, 24, codec="sr2", group_size=32)
+    layer = compressed(64, 24, codec="sr2", group_size=32)
     seen = []
     decode = StochasticRounding.decode
     monkeypatch.setattr(StochasticRounding, "decode", lambda self, *a: seen.append(decode(self, *a)) or seen[-1])

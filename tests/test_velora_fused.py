@@ -7,12 +7,13 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from velora import VeLoRAConfig, VeLoRALinear
+from velora import VeLoRAConfig
 from velora.codecs import fused, rng
 from velora.codecs.base import mix_seed
 from velora.codecs.pca import pca_decode, pca_encode
 from velora.codecs.quant import sr_decode, sr_encode
 from velora.codecs.subtoken import random_decode, random_encode
+from velora_helpers import compressed
 
 D, OUT = 200, 24            # 200 = one group of 128 + a padded one; 25 sub-tokens of 8
 KEY = rng.key_tensors(mix_seed(3, 1, 17), "cpu")
@@ -59,7 +60,7 @@ def test_sr2_layer_fused_equals_eager_bitwise_under_bf16():
     layers = []
     for on in (False, True):
         torch.manual_seed(0)
-        layers.append(VeLoRALinear(D, OUT, codec="sr2", fused=on))
+        layers.append(compressed(D, OUT, codec="sr2", fused=on))
     saved, grads = ([], []), []
     for layer, keep in zip(layers, saved):
         for _ in range(2):                          # two forwards: two keys, one compiled graph

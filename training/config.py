@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from data.config import DataConfig
 from model import LlamaConfig
 from velora.config import VeLoRAConfig
 
-from common.errors import ConfigError, check_choice
+from common.errors import ConfigError, check_choice, check_positive, check_range, is_number
 
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "galore_adamw", "galore_adafactor")
@@ -49,17 +48,15 @@ class OptimConfig:
         check_choice("optim.name", self.name, OPTIMIZERS)
         check_choice("optim.scheduler", self.scheduler, ("cosine", "constant"))
         check_choice("optim.galore_proj_type", self.galore_proj_type, GALORE_PROJ_TYPES)
-        _positive("optim.lr", self.lr)
-        _in_range("optim.warmup_ratio", self.warmup_ratio, 0.0, 1.0, "[0, 1)")
-        _in_range("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0 + 1e-12, "[0, 1]")
-        _in_range("optim.weight_decay", self.weight_decay, 0.0, math.inf, ">= 0")
-        _in_range("optim.eps", self.eps, 0.0, math.inf, ">= 0")
-        if len(self.betas) != 2 or not all(_is_number(b) and 0.0 <= b < 1.0 for b in self.betas):
+        check_positive("optim.lr", self.lr)
+        check_range("optim.warmup_ratio", self.warmup_ratio, 0.0, 1.0, "in [0, 1)")
+        check_range("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0 + 1e-12, "in [0, 1]")
+        check_range("optim.weight_decay", self.weight_decay, 0)
+        check_range("optim.eps", self.eps, 0)
+        if len(self.betas) != 2 or not all(is_number(b) and 0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {self.betas}")
-        _positive("optim.galore_rank", self.galore_rank)
-        _positive("optim.galore_update_proj_gap", self.galore_update_proj_gap)
-        _positive("optim.galore_scale", self.galore_scale)
-        _positive("optim.matrix_lr_scale", self.matrix_lr_scale)
+        for key in ("galore_rank", "galore_update_proj_gap", "galore_scale", "matrix_lr_scale"):
+            check_positive(f"optim.{key}", getattr(self, key))
         if self.name.startswith("galore_") and self.matrix_lr_scale != 1.0:
             raise ConfigError(f"optim.matrix_lr_scale={self.matrix_lr_scale} applies to adamw and adafactor; "
                               f"{self.name} scales the projected matrices with optim.galore_scale")
@@ -92,9 +89,9 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("max_steps", "eval_every", "save_every", "log_every", "keep_last", "collective_timeout_s"):
-            _positive(f"train.{name}", getattr(self, name))
-        _in_range("train.seed", self.seed, 0, math.inf, ">= 0")
-        _in_range("train.eval_batch_size", self.eval_batch_size, 0, math.inf, ">= 0 (0: the micro-batch size)")
+            check_positive(f"train.{name}", getattr(self, name))
+        check_range("train.seed", self.seed, 0)
+        check_range("train.eval_batch_size", self.eval_batch_size, 0, what=">= 0 (0: the micro-batch size)")
         if not self.output_dir:
             raise ConfigError("train.output_dir: must not be empty")
 
@@ -124,12 +121,8 @@ class RunConfig:
         if self.data.seq_len > self.model.max_sequence_length:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_sequence_length="
                               f"{self.model.max_sequence_length}; lower data.seq_len or raise the model's")
-        for target in self.velora.target_list:
-            width = self.model.intermediate_size if target == "down_proj" else self.model.hidden_size
-            m = self.velora.sub_token_for(target, width)
-            if self.velora.codec_for(target) in ("velora", "rademacher", "gaussian") and self.velora.rank > m:
-                raise ConfigError(f"velora.rank={self.velora.rank} exceeds the sub-token size M={m} of {target} "
-                                  f"(width {width}); lower velora.rank or raise velora.sub_token_size")
+        self.velora.check_ranks({t: self.model.intermediate_size if t == "down_proj" else self.model.hidden_size
+                                 for t in self.velora.target_list})
         ds, name = self.deepspeed, self.optim.name
         if name != "adamw" and self.zero_stage >= 1 and ds["zero_optimization"].get("elastic_checkpoint"):
             raise ConfigError(f"deepspeed.zero_optimization.elastic_checkpoint=true would save none of {name}'s state "
@@ -158,21 +151,6 @@ SECTIONS = {"model": LlamaConfig, "velora": VeLoRAConfig, "data": DataConfig, "o
 
 
 GALORE_PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")   # galore_torch's GaLoreProjector
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _positive(key, value):
-    if not (_is_number(value) and value > 0):
-        raise ConfigError(f"{key}: must be positive, got {value}")
-
-
-def _in_range(key, value, lo, hi, what: str):
-    """lo <= value < hi, value a finite number."""
-    if not (_is_number(value) and lo <= value < hi):
-        raise ConfigError(f"{key}: expected a value {what}, got {value}")
 
 
 def _no_duplicates(pairs: list) -> dict:
@@ -211,31 +189,27 @@ def _build_section(name: str, cls, raw, where: str):
         return copy.deepcopy(raw)
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: section '{name}' must be a JSON object, got {type(raw).__name__}")
-    if cls is LlamaConfig:
-        hints = typing.get_type_hints(cls)
-        for key, value in raw.items():
-            if key in hints and not _type_ok(value, hints[key]):
-                raise ConfigError(f"{where}: model.{key}: expected {_type_name(hints[key])}, got {value!r}")
-        try:
+    try:
+        if cls is LlamaConfig:       # HF's keys: its own from_dict knows the informational ones and aliases
             return LlamaConfig.from_dict(raw)
-        except ValueError as e:
-            raise ConfigError(f"{where}: {e}") from None
+        return cls(**_typed_values(name, cls, raw))
+    except ConfigError as e:        # the section's own message, with the file it came from
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _typed_values(name: str, cls, raw: dict) -> dict:
+    """The keys of `raw`, checked against `cls`'s fields and type hints (ints given for floats become floats)."""
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(raw) - set(hints))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
+        raise ConfigError(f"unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
                           f"known: {', '.join(sorted(hints))}")
     values = {}
     for key, value in raw.items():
         if not _type_ok(value, hints[key]):
-            raise ConfigError(f"{where}: {name}.{key}: expected {_type_name(hints[key])}, got {value!r}")
+            raise ConfigError(f"{name}.{key}: expected {_type_name(hints[key])}, got {value!r}")
         values[key] = float(value) if hints[key] is float else value
-    try:
-        return cls(**values)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    except ValueError as e:
-        raise ConfigError(f"{where}: {e}") from None
+    return values
 
 
 def parse_override(text: str):

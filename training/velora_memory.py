@@ -17,7 +17,7 @@ from training import cli
 from training.config import load_config
 from common.errors import ConfigError
 from velora import apply_velora
-from velora.config import PRESETS
+from velora.config import TARGET_PRESETS
 from velora.memory import measure_step
 
 
@@ -49,7 +49,7 @@ def format_report(report: dict) -> str:
 def measure(argv) -> int:
     p = argparse.ArgumentParser(prog=cli.prog(), description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="run config JSON (or a bare GaLore model JSON)")
-    p.add_argument("--velora", choices=list(PRESETS), help="override velora.targets with a preset")
+    p.add_argument("--velora", choices=list(TARGET_PRESETS), help="override velora.targets with a preset")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=0, help="default: the config's data.seq_len")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast, fp32 weights")

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from .codecs import Codec, make_codec, mix_seed
 from .config import GROUPS, PROJECTIONS, VeLoRAConfig
-from .layer import VeLoRALinear
+from .layer import CompressedLinear
 
 
 @dataclass
@@ -80,7 +80,7 @@ def _group_codec(cfg: VeLoRAConfig, chosen: list, first: nn.Linear, index: int) 
 
 
 def apply_velora(model: nn.Module, cfg: VeLoRAConfig):
-    """Replace the targeted `nn.Linear` projections of `model` by `VeLoRALinear`, in place.
+    """Replace the targeted `nn.Linear` projections of `model` by `CompressedLinear`, in place.
 
     Projections are found by their HF attribute names (q/k/v/o_proj, gate/up/down_proj) on any
     module, so this works on our LLaMA and on `transformers` models alike. Parameters are kept
@@ -103,7 +103,7 @@ def apply_velora(model: nn.Module, cfg: VeLoRAConfig):
             first = parent._modules[chosen[0]]
             codec = _group_codec(cfg, chosen, first, index=len(summary.groups))
             for i, n in enumerate(chosen):
-                setattr(parent, n, VeLoRALinear.wrap(parent._modules[n], codec, owns_codec=i == 0))
+                setattr(parent, n, CompressedLinear(parent._modules[n], codec, owns_codec=i == 0))
                 summary.modules.append(f"{parent_name}.{n}" if parent_name else n)
             left_out = [n for n in members if n not in chosen]
             if left_out:

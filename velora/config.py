@@ -3,17 +3,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.errors import ConfigError, check_choice, check_positive, check_range
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # `all` leaves o_proj out: its input is the attention output, which scaled_dot_product_attention keeps
 # for its own backward, so compressing it frees nothing and only adds what the codec stores.
-PRESETS = {"none": (), "paper": ("v_proj", "down_proj"),
-           "all": ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")}
+TARGET_PRESETS = {"none": (), "paper": ("v_proj", "down_proj"),
+                  "all": ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")}
 # Projections that read one tensor: compressing only part of a group frees nothing for that input.
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-# The official script's grouping (sub_token_size 0): a fixed number of sub-tokens per input,
-# 64 for attention-width inputs and 86 for the MLP width (M = 8 and 16 on llama_60m).
+# The official script's grouping (sub_token_size 0), the one default M of every codec: a fixed number of
+# sub-tokens per input, 64 for attention-width inputs and 86 for the MLP width: the official VeLoRA llama_60m
+# run's `--num_groups 64,86` (M = 8 and 16 there; tests/test_velora_config.py pins it).
 PAPER_SUB_TOKENS = {"down_proj": 86}
 PAPER_SUB_TOKENS_DEFAULT = 64
+# Codecs that keep r numbers per sub-token of size M, so r <= M.
+RANKED_CODECS = ("velora", "rademacher", "gaussian")
 # What a compressed input keeps for backward (velora/codecs.py): the paper's sub-token projection
 # onto a fixed v; x itself at k bits with stochastic rounding; a random sign / Gaussian vector per
 # token and sub-token; principal directions of the whole input plus a random sketch of the rest.
@@ -40,35 +45,44 @@ def parse_init(init: str) -> float | None:
             decay = -1.0
         if 0.0 < decay < 1.0:
             return decay
-    raise ValueError(f"velora.init: expected batch_average_once, batch_average, ema:<decay in (0,1)> "
-                     f"or random, got {init!r}")
+    raise ConfigError(f"velora.init: expected batch_average_once, batch_average, ema:<decay in (0,1)> "
+                      f"or random, got {init!r}")
 
 
 def check_codec(name: str, where: str = "velora.codec") -> str:
+    """Validate a codec name (one of CODECS)."""
     if name not in CODECS:
-        raise ValueError(f"{where}: unknown codec {name!r}; use one of {', '.join(CODECS)}")
+        raise ConfigError(f"{where}: unknown codec {name!r}; use one of {', '.join(CODECS)}")
     return name
+
+
+def check_coef_dtype(value: str) -> None:
+    """Validate `velora.coef_dtype` (one of COEF_DTYPES)."""
+    check_choice("velora.coef_dtype", value, COEF_DTYPES)
+
+
+def check_rank(rank: int, m: int, where: str) -> None:
+    """The rule of the sub-token codecs (RANKED_CODECS): 1 <= rank <= M; `where` names the input."""
+    check_positive("velora.rank", rank, integer=True)
+    if rank > m:
+        raise ConfigError(f"velora.rank={rank} exceeds the sub-token size M={m} of {where}; lower velora.rank "
+                          f"or raise velora.sub_token_size")
 
 
 def _check_projection_map(key: str, mapping, check_value) -> None:
     if not isinstance(mapping, dict):
-        raise ValueError(f"velora.{key}: expected an object {{projection: value}}, got {mapping!r}")
+        raise ConfigError(f"velora.{key}: expected an object {{projection: value}}, got {mapping!r}")
     for name, value in mapping.items():
         if name not in PROJECTIONS:
-            raise ValueError(f"velora.{key}: unknown projection {name!r}; known: {', '.join(PROJECTIONS)}")
+            raise ConfigError(f"velora.{key}: unknown projection {name!r}; known: {', '.join(PROJECTIONS)}")
         check_value(f"velora.{key}.{name}", value)
 
 
 def check_fused(value, where: str = "velora.fused"):
     """Validate a `velora.fused` value: "auto", true or false (velora/codecs/fused.py)."""
     if value not in ("auto", True, False) or isinstance(value, (int, float)) and not isinstance(value, bool):
-        raise ValueError(f'{where}: expected "auto" (compiled on CUDA, eager on CPU), true or false, got {value!r}')
+        raise ConfigError(f'{where}: expected "auto" (compiled on CUDA, eager on CPU), true or false, got {value!r}')
     return value
-
-
-def _positive_int(where: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{where}: must be a positive int, got {value!r}")
 
 
 @dataclass
@@ -118,56 +132,60 @@ class VeLoRAConfig:
     def __post_init__(self):
         self._apply_setting()
         if isinstance(self.targets, str):
-            if self.targets not in PRESETS:
-                raise ValueError(f"velora.targets: unknown preset {self.targets!r}; "
-                                 f"use one of {', '.join(PRESETS)} or a list of {', '.join(PROJECTIONS)}")
+            if self.targets not in TARGET_PRESETS:
+                raise ConfigError(f"velora.targets: unknown preset {self.targets!r}; use one of "
+                                  f"{', '.join(TARGET_PRESETS)} or a list of {', '.join(PROJECTIONS)}")
         else:
             bad = [t for t in self.targets if t not in PROJECTIONS]
             if bad:
-                raise ValueError(f"velora.targets: unknown projection(s) {', '.join(map(str, bad))}; "
-                                 f"known: {', '.join(PROJECTIONS)}")
+                raise ConfigError(f"velora.targets: unknown projection(s) {', '.join(map(str, bad))}; "
+                                  f"known: {', '.join(PROJECTIONS)}")
         check_codec(self.codec)
         _check_projection_map("codec_overrides", self.codec_overrides, lambda w, v: check_codec(v, w))
-        if not isinstance(self.sub_token_size, int) or self.sub_token_size < 0:
-            raise ValueError(f"velora.sub_token_size: must be positive (or 0 for the paper's grouping), "
-                             f"got {self.sub_token_size}")
-        _check_projection_map("sub_token_overrides", self.sub_token_overrides, _positive_int)
-        _positive_int("velora.rank", self.rank)
-        _positive_int("velora.group_size", self.group_size)
-        _positive_int("velora.refresh_every", self.refresh_every)
-        if self.coef_dtype not in COEF_DTYPES:
-            raise ValueError(f"velora.coef_dtype: expected one of {', '.join(COEF_DTYPES)}, got {self.coef_dtype!r}")
-        if not (isinstance(self.grad_scale, (int, float)) and 0 < self.grad_scale < float("inf")):
-            raise ValueError(f"velora.grad_scale: must be positive, got {self.grad_scale!r}")
+        check_range("velora.sub_token_size", self.sub_token_size, 0,
+                    what="positive (or 0 for the paper's grouping)", integer=True)
+        _check_projection_map("sub_token_overrides", self.sub_token_overrides,
+                              lambda w, v: check_positive(w, v, integer=True))
+        for key in ("rank", "group_size", "refresh_every"):
+            check_positive(f"velora.{key}", getattr(self, key), integer=True)
+        check_coef_dtype(self.coef_dtype)
+        check_positive("velora.grad_scale", self.grad_scale)
         others = sorted({self.codec_for(t) for t in self.target_list} - {"velora"})
         for key, value, default in (("coef_dtype", self.coef_dtype, "compute"), ("grad_scale", self.grad_scale, 1.0)):
             if value != default and others:
-                raise ValueError(f"velora.{key}={value} applies to the velora codec only, but the targets use "
-                                 f"{', '.join(others)}; set velora.{key}={default}")
-        for name in self.target_list:
-            m = self.sub_token_overrides.get(name, self.sub_token_size)
-            if m and self.rank > m and self.codec_for(name) in ("velora", "rademacher", "gaussian"):
-                raise ValueError(f"velora.rank={self.rank} exceeds the sub-token size M={m} of {name}; "
-                                 f"lower velora.rank or raise velora.sub_token_size")
+                raise ConfigError(f"velora.{key}={value} applies to the velora codec only, but the targets use "
+                                  f"{', '.join(others)}; set velora.{key}={default}")
+        self.check_ranks()
         parse_init(self.init)
         check_fused(self.fused)
+
+    def check_ranks(self, widths: dict | None = None) -> None:
+        """rank <= M for every target of a RANKED_CODECS codec. Without `widths` ({projection: input width},
+        known once the model is) only the targets with an explicit M are checked."""
+        for name in self.target_list:
+            if self.codec_for(name) not in RANKED_CODECS:
+                continue
+            if widths is not None:
+                check_rank(self.rank, self.sub_token_for(name, widths[name]), f"{name} (width {widths[name]})")
+            elif self.sub_token_for(name, 0):      # an explicit M (the paper's grouping needs the width)
+                check_rank(self.rank, self.sub_token_for(name, 0), name)
 
     def _apply_setting(self) -> None:
         if not self.setting:
             return
         if self.setting not in SETTINGS:
-            raise ValueError(f"velora.setting: unknown setting {self.setting!r}; use one of {', '.join(SETTINGS)}")
+            raise ConfigError(f"velora.setting: unknown setting {self.setting!r}; use one of {', '.join(SETTINGS)}")
         defaults = {"targets": "none", "codec": "velora", "codec_overrides": {}}
         for key, value in SETTINGS[self.setting].items():
             given = getattr(self, key)
             if given not in (defaults[key], value):
-                raise ValueError(f"velora.setting={self.setting} sets velora.{key}={value!r}, but velora.{key}="
-                                 f"{given!r} is given too; drop one of them")
+                raise ConfigError(f"velora.setting={self.setting} sets velora.{key}={value!r}, but velora.{key}="
+                                  f"{given!r} is given too; drop one of them")
             setattr(self, key, value)
 
     @property
     def target_list(self) -> tuple:
-        return PRESETS[self.targets] if isinstance(self.targets, str) else tuple(self.targets)
+        return TARGET_PRESETS[self.targets] if isinstance(self.targets, str) else tuple(self.targets)
 
     @property
     def enabled(self) -> bool:
@@ -178,7 +196,8 @@ class VeLoRAConfig:
         return self.codec_overrides.get(name, self.codec)
 
     def sub_token_for(self, name: str, in_features: int) -> int:
-        """M for projection `name` (an HF name) reading `in_features`-wide inputs."""
+        """M for projection `name` (an HF name) reading `in_features`-wide inputs: its override, else
+        `sub_token_size`, else the paper's grouping (PAPER_SUB_TOKENS)."""
         if name in self.sub_token_overrides:
             return self.sub_token_overrides[name]
         if self.sub_token_size:

@@ -1,7 +1,7 @@
 """Activation codecs: what a compressed input tensor keeps for backward (see base.py)."""
 from __future__ import annotations
 
-from ..config import check_fused
+from ..config import check_codec, check_fused
 from .base import Codec, Encoded, mix_seed
 from .pca import PrincipalPlusRandom
 from .quant import StochasticRounding
@@ -18,6 +18,7 @@ def make_codec(name: str, width: int, *, sub_token_size: int, rank: int = 1, ini
     `random` init's seed, and the stream of the random codecs (mixed with rank and forward count);
     `fused`: velora.fused ("auto", True or False, see fused.py).
     """
+    check_codec(name)
     check_fused(fused)
     if name == "velora":
         codec = SubTokenBasis(width, sub_token_size, rank, init, coef_dtype, seed, grad_scale=grad_scale,
@@ -26,10 +27,8 @@ def make_codec(name: str, width: int, *, sub_token_size: int, rank: int = 1, ini
         codec = StochasticRounding(width, int(name[2:]), group_size, seed, device=device)
     elif name in ("rademacher", "gaussian"):
         codec = RandomSubToken(width, sub_token_size, rank, name, seed, device=device)
-    elif name == "pca":
+    else:   # pca (check_codec refused any other name)
         codec = PrincipalPlusRandom(width, sub_token_size, rank, refresh_every, seed, device=device)
-    else:
-        raise ValueError(f"unknown activation codec {name!r}")
     codec.fused = fused
     return codec
 

@@ -127,10 +127,6 @@ class Codec(nn.Module):
         """A short label for tables, e.g. `velora M=8 r=1`."""
         return self.name
 
-    def fixed_stored_bytes(self) -> int:
-        """Bytes stored per forward independently of the token count (e.g. a snapshot of v)."""
-        return 0
-
     def observe(self, x: torch.Tensor, forward: int | None) -> None:
         """Update state from the training batch x before it is encoded (default: nothing)."""
 

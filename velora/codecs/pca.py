@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from common.errors import ConfigError, check_positive
+
 from .base import Codec, all_reduce_, element_size
 from .subtoken import RandomVectors, compute_dtype, reconstruct, sketch
 
@@ -46,13 +48,13 @@ class PrincipalPlusRandom(Codec):
     def __init__(self, width: int, sub_token_size: int, rank: int = 1, refresh_every: int = 200, seed: int = 0,
                  device=None):
         super().__init__(width, seed, device)
-        if sub_token_size < 1 or rank < 1 or refresh_every < 1:
-            raise ValueError(f"pca codec: sub_token_size, rank and refresh_every must be >= 1, got "
-                             f"{sub_token_size}, {rank}, {refresh_every}")
+        for key, value in (("sub_token_size", sub_token_size), ("rank", rank), ("refresh_every", refresh_every)):
+            check_positive(f"velora.{key}", value, integer=True)
         self.sub_token_size, self.rank, self.refresh_every = sub_token_size, rank, refresh_every
         self.principal = min(width - 1, math.ceil(rank * math.ceil(width / sub_token_size) / 2))
         if self.principal < 1:
-            raise ValueError(f"pca codec: width {width} is too small for principal directions")
+            raise ConfigError(f"velora.codec=pca: a {width}-wide input is too small for principal directions; "
+                              f"give it another codec (velora.codec_overrides)")
         residual_m = min(2 * sub_token_size, width)
         self._residual = RandomVectors(width, residual_m, min(rank, residual_m), "rademacher")
         self.register_buffer("basis", torch.zeros(width, self.principal, device=device))

@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from common.errors import ConfigError
+
 from .base import Codec
 from .rng import key_tensors, uniform_at
 
@@ -79,8 +81,8 @@ class StochasticRounding(Codec):
         if bits not in BITS:
             raise ValueError(f"stochastic rounding: bits must be one of {BITS}, got {bits}")
         if group_size < 1 or (group_size * bits) % 8:
-            raise ValueError(f"velora.group_size={group_size}: sr{bits} packs {8 // bits} codes per byte, so the "
-                             f"group size must be a multiple of {8 // bits}")
+            raise ConfigError(f"velora.group_size={group_size}: sr{bits} packs {8 // bits} codes per byte, so the "
+                              f"group size must be a multiple of {8 // bits}")
         self.name, self.bits, self.group_size = f"sr{bits}", bits, group_size
         self.num_groups = math.ceil(width / group_size)
 

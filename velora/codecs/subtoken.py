@@ -20,7 +20,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..config import COEF_DTYPES, parse_init
+from common.errors import ConfigError, check_positive
+
+from ..config import check_coef_dtype, check_rank, parse_init
 from . import rng
 from .base import Codec, all_reduce_, element_size, host_value
 
@@ -32,12 +34,9 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _check_sizes(sub_token_size: int, rank: int) -> None:
-    if sub_token_size < 1:
-        raise ValueError(f"VeLoRA sub_token_size: must be >= 1, got {sub_token_size}")
-    if not 1 <= rank <= sub_token_size:
-        raise ValueError(f"VeLoRA rank: must be between 1 and sub_token_size={sub_token_size}, got {rank}; "
-                         f"lower the rank or raise the sub-token size")
+def _check_sizes(width: int, sub_token_size: int, rank: int) -> None:
+    check_positive("velora.sub_token_size", sub_token_size, integer=True)
+    check_rank(rank, sub_token_size, f"a {width}-wide input")
 
 
 def split_sub_tokens(x2: torch.Tensor, m: int) -> torch.Tensor:
@@ -59,13 +58,12 @@ class SubTokenBasis(Codec):
     def __init__(self, width: int, sub_token_size: int, rank: int = 1, init: str = "batch_average_once",
                  coef_dtype: str = "compute", seed: int = 0, grad_scale: float = 1.0, device=None):
         super().__init__(width, seed, device)
-        _check_sizes(sub_token_size, rank)
-        if coef_dtype not in COEF_DTYPES:
-            raise ValueError(f"VeLoRA coef_dtype: expected one of {', '.join(COEF_DTYPES)}, got {coef_dtype!r}")
+        _check_sizes(width, sub_token_size, rank)
+        check_coef_dtype(coef_dtype)
         if coef_dtype == "float16" and (rank != 1 or width % sub_token_size):
-            raise ValueError(f"VeLoRA coef_dtype=float16 (the official code's arithmetic) needs rank 1 and a "
-                             f"sub-token size that divides the width, got rank {rank}, M={sub_token_size}, "
-                             f"width {width}")
+            raise ConfigError(f"velora.coef_dtype=float16 (the official code's arithmetic) needs rank 1 and a "
+                              f"sub-token size that divides the width, got rank {rank}, M={sub_token_size}, "
+                              f"width {width}; set velora.sub_token_size (or its override) to a divisor")
         self.decay = parse_init(init)
         self.sub_token_size, self.rank = sub_token_size, rank
         self.init, self.coef_dtype, self.grad_scale = init, coef_dtype, grad_scale
@@ -95,9 +93,6 @@ class SubTokenBasis(Codec):
         if self.coef_dtype == "int8":
             return n + 4
         return n * element_size(torch.float16 if self.coef_dtype == "float16" else dtype)
-
-    def fixed_stored_bytes(self) -> int:
-        return self.v.numel() * 4
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -196,7 +191,7 @@ class RandomVectors:
     the same for the same seed: `sketch` keeps the coefficients, `reconstruct` gives the unbiased x̂."""
 
     def __init__(self, width: int, sub_token_size: int, rank: int, kind: str):
-        _check_sizes(sub_token_size, rank)
+        _check_sizes(width, sub_token_size, rank)
         if kind not in ("rademacher", "gaussian"):
             raise ValueError(f"random sub-token vectors: kind must be rademacher or gaussian, got {kind!r}")
         self.width, self.sub_token_size, self.rank, self.kind = width, sub_token_size, rank, kind
