@@ -46,7 +46,7 @@ from training import cli  # noqa: E402
 from training.config import load_config, resolve_batch  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
 from compare_runs import execute, read_log, score_heldout  # noqa: E402
-from training.plan import state_bytes  # noqa: E402
+from common.tensor_bytes import state_bytes  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 C4_SAMPLE = SHARED / "c4-sample" / "en"
@@ -395,7 +395,7 @@ def measure(run, measure_batch: int) -> dict:
     optimizer.step()
     return {"params": sum(p.numel() for p in model.parameters()),
             "param_bytes": rep["parameters"], "grad_bytes": rep["gradients"],
-            "optim_state_bytes": state_bytes(optimizer.state, set()),
+            "optim_state_bytes": state_bytes(optimizer.state),
             "saved_bytes_micro": rep["saved_total"] * micro / b, "saved_measured_batch": b, "micro_batch": micro,
             "saved_by_category_micro": {k: v * micro / b for k, v in rep["saved"].items()}}
 

@@ -1,5 +1,4 @@
 """The memory planner: the peak memory of one training step and its parts, from a fake-tensor run on CPU
-(`plan_memory`), and the exact tensor accounting it shares with the benchmarks (`state_bytes`)."""
-from .tensors import state_bytes
+(`plan.plan_memory`). Its bytes follow the house's one count rule (common/tensor_bytes.py)."""
 
-__all__ = ["state_bytes"]
+DTYPES = ("bf16", "fp32")       # the compute dtypes a plan is made for (--dtype)
