@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model import LlamaForCausalLM  # noqa: E402
 from training.config import load_config  # noqa: E402
 from velora import apply_velora  # noqa: E402
+from training.methods import METHODS  # noqa: E402
 from training.velora_memory import build_and_measure  # noqa: E402
 
 MIB = 2 ** 20
@@ -85,8 +86,6 @@ def options_table(path, batch_size, seq_len, loss_chunk) -> str:
 
 
 def variants_table(configs, batch_size, seq_len, variants) -> str:
-    from compare_galore import METHODS
-
     rows = [f"| model, fp32, {batch_size}x{seq_len} | method | saved MiB | of which proj. inputs | ratio to full-rank |",
             "|---|---|---:|---:|---:|"]
     for path in configs:
@@ -101,8 +100,6 @@ def variants_table(configs, batch_size, seq_len, variants) -> str:
 
 
 def step_time(path, batch_size, seq_len, reps, variants) -> list[str]:
-    from compare_galore import METHODS
-
     torch.manual_seed(0)
     base = load_config(path)
     ids = torch.randint(0, base.model.vocab_size, (batch_size, seq_len))

@@ -7,7 +7,7 @@ the same model, data, token budget and seeds, then one table and one plot.
     scripts/compare_galore.sh                     # llama_60m with GaLore's recipe (a GPU)
     scripts/compare_galore.sh --config CFG --tokens N --seeds 3 --lr-sweep --methods full_rank,sr2_all ...
 
-Methods (`--methods` picks some; METHODS below lists them all). `--seeds N` reports every method at seeds
+Methods (`--methods` picks some; training/methods.py lists them all). `--seeds N` reports every method at seeds
 0..N-1 (`train.seed`, `data.seed` and `velora.seed`: initial weights, data order and codec noise; the same
 seed gives every method the same initial weights and batches). `--lr-sweep` chooses each method's lr on data
 that is never reported: a log-spaced grid of `--lr-points` lrs a factor 2 apart around the method's default
@@ -44,6 +44,7 @@ import torch  # noqa: E402
 
 from training import cli  # noqa: E402
 from training.config import load_config, resolve_batch  # noqa: E402
+from training.methods import COMPARED, METHODS  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
 from compare_runs import execute, read_log, score_heldout  # noqa: E402
 from common.tensor_bytes import state_bytes  # noqa: E402
@@ -53,56 +54,6 @@ C4_SAMPLE = SHARED / "c4-sample" / "en"
 SP_32K = SHARED / "tokenizers" / "sp-bpe-32k.model"
 
 
-@dataclass
-class Method:
-    label: str
-    sets: list = field(default_factory=list)
-    galore: bool = False
-    centre: float | None = None      # the lr sweep's default centre (else the AdamW or GaLore default)
-    reference: str = "full_rank"     # the full-rank method with the same lr recipe, paired against in the report
-
-
-ALL = "velora.targets=all"
-METHODS = {
-    "full_rank": Method("full-rank AdamW"),
-    # GaLore's lr split without its projection: tells what GaLore gains from the split from what it gains from
-    # projecting (its recipe gives the attention/MLP matrices 0.25 x the lr of everything else)
-    "full_rank_split": Method("full-rank AdamW, matrices at 0.25 x lr (GaLore's split, no projection)",
-                              ["optim.matrix_lr_scale=0.25"], centre=0.01),
-    "full_rank_ckpt": Method("full-rank AdamW + activation checkpointing", ["model.activation_checkpointing=true"]),
-    "galore": Method("GaLore AdamW", galore=True),
-    "velora_paper": Method("VeLoRA paper (v_proj+down_proj)", ["velora.targets=paper"]),
-    "velora_all": Method("VeLoRA all", [ALL]),
-    "sr2_all": Method("sr2 all (2-bit stochastic rounding)", [ALL, "velora.codec=sr2"]),
-    "sr4_all": Method("sr4 all", [ALL, "velora.codec=sr4"]),
-    "sr8_all": Method("sr8 all", [ALL, "velora.codec=sr8"]),
-    "rademacher_all": Method("random ±1 sub-token basis, all", [ALL, "velora.codec=rademacher"]),
-    "gaussian_all": Method("random Gaussian sub-token basis, all", [ALL, "velora.codec=gaussian"]),
-    "pca_all": Method("principal directions + random residual, all", [ALL, "velora.codec=pca"]),
-    # The codecs under GaLore's lr split: the fair test against full_rank_split, the best full-rank recipe here
-    "sr2_all_split": Method("sr2 all, matrices at 0.25 x lr", [ALL, "velora.codec=sr2", "optim.matrix_lr_scale=0.25"],
-                            centre=0.01, reference="full_rank_split"),
-    "velora_all_split": Method("VeLoRA all, matrices at 0.25 x lr", [ALL, "optim.matrix_lr_scale=0.25"], centre=0.01,
-                               reference="full_rank_split"),
-    "sr2_velora_down": Method("sr2 for q/k/v + gate/up, VeLoRA down_proj",
-                              [ALL, "velora.codec=sr2", 'velora.codec_overrides={"down_proj":"velora"}']),
-    "velora_all_galore": Method("VeLoRA all + GaLore AdamW", [ALL], galore=True),
-    "velora_all_memopts": Method("VeLoRA all + loss_chunk_size + recompute_swiglu",
-                                 [ALL, "model.loss_chunk_size=1024", "model.recompute_swiglu=true"]),
-    "sr2_all_memopts": Method("sr2 all + loss_chunk_size + recompute_swiglu",
-                              [ALL, "velora.codec=sr2", "model.loss_chunk_size=1024", "model.recompute_swiglu=true"]),
-    # The cheaper alternatives (issue 22): an 8-bit optimizer state, the optimizer offloaded by DeepSpeed
-    "adamw8bit": Method("8-bit AdamW (bitsandbytes)", ["optim.name=adamw8bit"]),
-    "zero_offload": Method("AdamW, optimizer state offloaded to the CPU (ZeRO-Offload, ZeRO 2)",
-                           ["deepspeed.zero_optimization.stage=2",
-                            'deepspeed.zero_optimization.offload_optimizer={"device":"cpu"}',
-                            "deepspeed.zero_force_ds_cpu_optimizer=false"]),
-    "adamw8bit_sr2_all": Method("8-bit AdamW + sr2 all", ["optim.name=adamw8bit", ALL, "velora.codec=sr2"]),
-    "galore_sr2_all": Method("GaLore AdamW + sr2 all", [ALL, "velora.codec=sr2"], galore=True),
-    "sr2_velora_down_memopts": Method("sr2 for q/k/v + gate/up, VeLoRA down_proj + loss_chunk_size + recompute_swiglu",
-                                      [ALL, "velora.codec=sr2", 'velora.codec_overrides={"down_proj":"velora"}',
-                                       "model.loss_chunk_size=1024", "model.recompute_swiglu=true"]),
-}
 GALORE_LR = 0.01
 # The paper's 60M sub-token sizes (M = 8 for hidden-wide inputs, 16 for down_proj): at small widths the
 # paper's grouping (hidden / 64 groups) gives M = 1 or 2, which is nearly exact and shows nothing.
@@ -135,7 +86,7 @@ def _cpu_data() -> list:
 
 
 PRESETS = {
-    "gpu": Preset("configs/llama_60m.json", [], list(METHODS)),
+    "gpu": Preset("configs/llama_60m.json", [], list(COMPARED)),
     "quick": Preset("configs/llama_tiny.json", SMALL_VELORA + [
         "model.hidden_size=64", "model.intermediate_size=172", "model.num_attention_heads=4",
         "model.num_hidden_layers=2", "model.max_sequence_length=128", "data.seq_len=128", "data.val_tokens=16384",
@@ -185,7 +136,7 @@ def parse_args(argv=None):
     p.add_argument("--galore-lr", type=float,
                    help=f"lr (or the sweep's centre) of the GaLore methods and the *_split ones ({GALORE_LR})")
     p.add_argument("--out", help="output directory (default: runs/compare_<preset>)")
-    p.add_argument("--methods", help="comma-separated subset of: " + ", ".join(METHODS))
+    p.add_argument("--methods", help="comma-separated subset of: " + ", ".join(COMPARED))
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override for every method")
     p.add_argument("--method-set", action="append", default=[], metavar="METHOD:SECTION.KEY=VALUE",
                    help="override for one method (e.g. galore:optim.galore_rank=64)")
@@ -246,14 +197,14 @@ class Plan:
         self.per_method = {}
         for item in args.method_set:
             name, _, override = item.partition(":")
-            if name not in METHODS or not override:
+            if name not in COMPARED or not override:
                 raise ConfigError(f"--method-set {item!r}: expected METHOD:SECTION.KEY=VALUE with METHOD one of "
-                                  f"{', '.join(METHODS)}")
+                                  f"{', '.join(COMPARED)}")
             self.per_method.setdefault(name, []).append(override)
         self.methods = [m.strip() for m in (args.methods or ",".join(pre.methods)).split(",") if m.strip()]
         for m in self.methods:
-            if m not in METHODS:
-                raise ConfigError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
+            if m not in COMPARED:
+                raise ConfigError(f"--methods: unknown method {m!r}; choose from {', '.join(COMPARED)}")
         if any(n is not None and n < 1 for n in (args.lr_points, args.seeds, args.tune_seeds)):
             raise ConfigError("--lr-points, --seeds and --tune-seeds must be positive")
         if any(x <= 0 for x in self.scales):

@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO
 
 import compare_galore
+from training.methods import COMPARED
 import compare_runs
 
 # a 2-step budget on a 32-wide model (the quick preset's data and methods)
@@ -266,7 +267,7 @@ def test_every_method_is_a_valid_run_config(preset):
     value fails here, not an hour into a comparison)."""
     from training.config import load_config
 
-    args = compare_galore.parse_args(["--preset", preset, "--methods", ",".join(compare_galore.METHODS)])
+    args = compare_galore.parse_args(["--preset", preset, "--methods", ",".join(COMPARED)])
     plan = compare_galore.Plan(args)
     for method in plan.methods:
         run = plan.run(method, plan.centre_lr(method), 0)
