@@ -115,7 +115,7 @@ def test_largest_micro_batch_is_exact():
 
 
 def test_command_line_json(capsys):
-    from training.plan.cli import main
+    from training.commands.plan import main
 
     assert main(["--config", "configs/llama_tiny.json", "--methods", "full_rank,sr2_all", "--micro-batch", "2",
                  "--json", "--gpu-gb", "1"]) == 0
@@ -138,7 +138,7 @@ def test_command_line_json(capsys):
     (["--markdown"], "--markdown prints the largest micro-batch per GPU size: add --gpu-gb"),
 ])
 def test_bad_planner_input_gives_one_line_errors(capsys, argv, fragment):
-    from training.plan.cli import main
+    from training.commands.plan import main
 
     assert main(["--config", "configs/llama_tiny.json", *argv]) == 2
     err = capsys.readouterr().err.strip()

@@ -1,7 +1,7 @@
 """The tables and the plot of scripts/compare_galore.py: results.csv (one row per run), results.md (the two
 gates first, the regime, then one row per method at its chosen lr: every reported seed's final loss, the
 paired verdict against its control on the report slice and on c4-heldout, whether the curves still cross)
-and plot.png. The statistics are compare_stats.py's, the regime block compare_regime.py's."""
+and plot.png. The statistics are stats.py's, the regime block regime.py's."""
 from __future__ import annotations
 
 import csv
@@ -11,8 +11,8 @@ import platform
 import statistics
 from pathlib import Path
 
-import compare_stats as stats
-from compare_regime import regime_lines
+from . import stats
+from .regime import regime_lines
 
 MIB = 2 ** 20
 # Published validation perplexities for the same model sizes (not ours): GaLore paper (Zhao et al.,
@@ -252,7 +252,7 @@ def _setup_line(facts: dict) -> str:
             f"{m.num_attention_heads} heads, vocab {m.vocab_size}. Data: `{base.data.source}`"
             + (f" (`{base.data.path}`)" if base.data.path else "") + f", tokenizer `{base.data.tokenizer}`, "
             f"packing `{base.data.packing}`, sequence {base.data.seq_len}, min lr ratio {base.optim.min_lr_ratio:g}, "
-            f"{'bf16' if base.deepspeed.get('bf16', {}).get('enabled') else 'fp32'}. GaLore: rank "
+            f"{'bf16' if base.bf16 else 'fp32'}. GaLore: rank "
             f"{facts['galore_rank']}, update_proj_gap {facts['galore_gap']}, scale 0.25 (one lr, the projected "
             f"matrices' updates scaled by 0.25), ZeRO 0. VeLoRA: rank {base.velora.rank}, sub_token_size "
             f"{base.velora.sub_token_size or 'paper grouping'}"
