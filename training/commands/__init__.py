@@ -6,6 +6,7 @@ of the package that owns the concern; every one ends through `training.cli.run` 
     memory   velora-memory  scripts/velora_memory.py   bytes saved for backward (training/plan/measure.py)
     plan     velora-plan    scripts/plan_memory.py     will it fit: the memory planner (training/plan/)
     compare                 scripts/compare_galore.sh  the methods against each other (training/compare/)
+    parity                  scripts/reference_parity.py  our trainer against the official codes (compare/parity.py)
 
 The training run itself is train_c4.py (`velora-train`) at the repository's root.
 """
