@@ -11,8 +11,6 @@ REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 C4_SAMPLE = SHARED / "c4-sample" / "en"
 SP_32K = SHARED / "tokenizers" / "sp-bpe-32k.model"
-
-
 GALORE_LR = 0.01
 # The paper's 60M sub-token sizes (M = 8 for hidden-wide inputs, 16 for down_proj): at small widths the
 # paper's grouping (hidden / 64 groups) gives M = 1 or 2, which is nearly exact and shows nothing.
