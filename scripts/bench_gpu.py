@@ -22,13 +22,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
 
 import torch  # noqa: E402
 
 import train_c4  # noqa: E402
-from compare_galore import METHODS as COMPARE_METHODS  # noqa: E402
 from training.distributed import init_distributed  # noqa: E402
+from training.methods import METHODS as ALL_METHODS  # noqa: E402
 from training.gpu_check import gate, perf  # noqa: E402
 from training.gpu_check.env import environment, galore_without_8bit  # noqa: E402
 from training.gpu_check.methods import Size, codec_variants, method_variants  # noqa: E402
@@ -37,9 +36,9 @@ from velora.config import CODECS  # noqa: E402
 
 CONFIGS = REPO / "configs"
 TINY_CONFIG = str(CONFIGS / "llama_tiny.json")
-# The methods compared (compare_galore.py's definitions): full-rank, sr2_all, VeLoRA all, and those two
+# The methods compared (training/methods.py): full-rank, sr2_all, VeLoRA all, and those two
 # with the memory options (loss_chunk_size + recompute_swiglu).
-METHODS = {m: COMPARE_METHODS[m].sets for m in ("full_rank", "sr2_all", "velora_all", "sr2_all_memopts",
+METHODS = {m: ALL_METHODS[m].sets for m in ("full_rank", "sr2_all", "velora_all", "sr2_all_memopts",
                                                 "velora_all_memopts")}
 PROFILED = ("full_rank", "sr2_all")
 TOY = ("model.hidden_size=64", "model.intermediate_size=176", "model.num_attention_heads=4",

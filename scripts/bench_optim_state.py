@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from training.distributed import free_port  # noqa: E402
-from training.plan import state_bytes  # noqa: E402
+from common.tensor_bytes import state_bytes  # noqa: E402
 
 MIB = 2 ** 20
 
@@ -48,7 +48,7 @@ def _measure(args, name: str, stage: int, rank: int, world: int) -> tuple[int, i
         engine.step()
     optimizer = engine.optimizer.optimizer if stage else engine.optimizer
     projectors = [s["projector"] for s in optimizer.state.values() if "projector" in s]
-    return state_bytes(optimizer.state, set()), state_bytes(projectors, set())
+    return state_bytes(optimizer.state), state_bytes(projectors)
 
 
 def _worker(rank, world, stage, port, args, out):

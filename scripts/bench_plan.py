@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from training.config import load_config  # noqa: E402
-from training.plan.methods import METHODS  # noqa: E402
+from training.methods import PLANNED  # noqa: E402
 from training.plan.plan import method_config, plan_memory  # noqa: E402
 from training.plan.tracker import MemoryTracker  # noqa: E402
 
@@ -32,7 +32,7 @@ def fake_vs_real(cfg, batches: list, dtype: str) -> list[str]:
     """Markdown rows: method, batch, predicted and measured peak, the largest part difference."""
     rows = ["| method | micro-batch | predicted peak MiB | real CPU step MiB | peak diff | largest part diff |",
             "|---|---:|---:|---:|---:|---:|"]
-    for method in METHODS:
+    for method in PLANNED:
         for b in batches:
             fake = plan_memory(cfg, method, b, 0, 1, dtype)
             real = plan_memory(cfg, method, b, 0, 1, dtype, fake=False)

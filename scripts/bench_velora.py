@@ -16,7 +16,7 @@ alone and together, against the plain model. `codecs`: the same bytes for method
 scripts/compare_galore.py (codecs, hybrids, memory options), against full-rank. `time`: forward+backward of each variant (a method of
 scripts/compare_galore.py) against full-rank, the same weights and batch, interleaved repetitions (the
 order rotates every repetition), medians and their ratio to full-rank; a `+fused` suffix sets
-velora.fused=true for that variant. `cost`, `kernels` and `qkv` (codec_cost.py): what the codecs
+velora.fused=true for that variant. `cost`, `kernels` and `qkv` (training/bench/codec_cost.py): what the codecs
 cost per compressed element and per step, eager and fused, against an older velora/ given by
 `--before` (e.g. `git archive 27b879f velora | tar -x -C /tmp/before`).
 Prints Markdown tables.
@@ -33,12 +33,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from model import LlamaForCausalLM  # noqa: E402
 from training.config import load_config  # noqa: E402
 from velora import apply_velora  # noqa: E402
-from training.velora_memory import build_and_measure  # noqa: E402
+from training.methods import METHODS  # noqa: E402
+from training.plan.measure import build_and_measure  # noqa: E402
 
 MIB = 2 ** 20
 
@@ -85,8 +85,6 @@ def options_table(path, batch_size, seq_len, loss_chunk) -> str:
 
 
 def variants_table(configs, batch_size, seq_len, variants) -> str:
-    from compare_galore import METHODS
-
     rows = [f"| model, fp32, {batch_size}x{seq_len} | method | saved MiB | of which proj. inputs | ratio to full-rank |",
             "|---|---|---:|---:|---:|"]
     for path in configs:
@@ -101,8 +99,6 @@ def variants_table(configs, batch_size, seq_len, variants) -> str:
 
 
 def step_time(path, batch_size, seq_len, reps, variants) -> list[str]:
-    from compare_galore import METHODS
-
     torch.manual_seed(0)
     base = load_config(path)
     ids = torch.randint(0, base.model.vocab_size, (batch_size, seq_len))
@@ -149,13 +145,13 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--loss-chunk-size", type=int, default=1024)
     p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--variants", default="velora_all", help="methods of compare_galore.py to compare with full_rank")
+    p.add_argument("--variants", default="velora_all", help="methods (training/methods.py) to compare with full_rank")
     p.add_argument("--before", help="an older velora/ package directory to measure beside this one")
     p.add_argument("--tokens", type=int, default=4096, help="cost, qkv: tokens of the q/k/v block")
     p.add_argument("--hidden", type=int, default=1024, help="cost, qkv: width of the q/k/v block")
     args = p.parse_args(argv)
     if args.what in ("cost", "kernels", "qkv"):
-        import codec_cost
+        from training.bench import codec_cost
         print(codec_cost.main(args))
         return 0
     if args.what == "memory":

@@ -1,10 +1,10 @@
-"""Perplexity of a checkpoint (training/eval_ppl.py; installed as `velora-eval`). Options: --help."""
+"""Perplexity of a checkpoint (training/commands/eval.py; installed as `velora-eval`). Options: --help."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from training.eval_ppl import main  # noqa: E402
+from training.commands.eval import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

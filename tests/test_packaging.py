@@ -46,3 +46,30 @@ def test_console_scripts_are_declared_and_importable():
     for target in scripts.values():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), target
+
+
+@pytest.mark.parametrize("name", CONSOLE_SCRIPTS)
+def test_every_command_lives_in_training_commands_and_answers_help(name, capsys):
+    """One home for the entry points: each console script but train_c4.py's is a module of training/commands/,
+    and its main answers --help (in process, so without installing)."""
+    import importlib
+    import tomllib
+
+    module, func = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"][name].split(":")
+    assert module == "train_c4" or module.startswith("training.commands."), module
+    with pytest.raises(SystemExit) as e:
+        getattr(importlib.import_module(module), func)(["--help"])
+    assert e.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_no_script_imports_another_script():
+    """What scripts share lives in the package: no scripts/*.py puts scripts/ on sys.path or imports a sibling."""
+    scripts = REPO / "scripts"
+    names = {p.stem for p in scripts.glob("*.py")}
+    for path in scripts.glob("*.py"):
+        text = path.read_text()
+        assert 'REPO / "scripts"' not in text and "resolve().parent))" not in text, path.name
+        for line in text.splitlines():
+            words = line.split()
+            if words[:1] in (["import"], ["from"]) and len(words) > 1:
+                assert words[1].split(".")[0] not in names, (path.name, line)

@@ -10,8 +10,12 @@ import pytest
 
 from conftest import REPO
 
-import compare_galore
-import compare_runs
+from training.commands import compare as compare_galore
+from training.compare import presets, sweep
+from training.compare import report as compare_report
+from training.compare import runs as compare_runs
+from training.compare import stats as compare_stats
+from training.methods import COMPARED
 
 # a 2-step budget on a 32-wide model (the quick preset's data and methods)
 SMALL = ["--quick", "--tokens", "512", "--evals", "1", "--jobs", "2", "--measure-batch", "2",
@@ -29,7 +33,7 @@ def test_compare_quick_end_to_end(tmp_path):
     assert "[full_rank] start:" in proc.stdout and "FAILED: galore" in proc.stdout
 
     rows = {r["method"]: r for r in csv.DictReader(open(out / "results.csv"))}
-    assert set(rows) == set(compare_galore.PRESETS["quick"].methods)
+    assert set(rows) == set(presets.PRESETS["quick"].methods)
     bad = rows.pop("galore")
     assert bad["status"] == "failed" and "optim.name" in bad["error"] and "sgd" in bad["error"]
     for name, r in rows.items():
@@ -79,14 +83,14 @@ def _fake_sweep(monkeypatch, tmp_path, *argv):
     def fake_execute(run, threads, lock):
         return {"cmd": run["cmd"][1:], "returncode": 0, "wall_s": 1.0, "error": None, "diverged": False}
 
-    monkeypatch.setattr(compare_galore, "execute", fake_execute)
-    monkeypatch.setattr(compare_galore, "read_log", _fake_log)
+    monkeypatch.setattr(sweep, "execute", fake_execute)
+    monkeypatch.setattr(sweep, "read_log", _fake_log)
     args = compare_galore.parse_args(["--quick", "--methods", "full_rank", "--lr-sweep", "--lr", str(CENTRE),
                                       "--out", str(tmp_path), *argv])
     args.argv = []
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(1) as pool:
-        return compare_galore.sweep(compare_galore.Plan(args), pool, 1)
+        return sweep.sweep(sweep.Plan(args), pool, 1)
 
 
 def _fake_log(run_dir):
@@ -115,7 +119,6 @@ def test_lr_chosen_on_tuning_seeds_then_run_at_the_reported_seeds(monkeypatch, t
     assert sorted(r["seed"] for r in report) == [0, 1, 2] and {r["lr"] for r in report} == {CENTRE * 4}
     assert all("data.val_skip_tokens=16384" in r["sets"] for r in report)
     assert not any(s.startswith("data.val_skip_tokens") for r in tune for s in r["sets"])
-    import compare_report
     summary = compare_report.summarize(_rows(done), 1)
     assert summary[0]["best"] == (CENTRE * 4, None) and summary[0]["edges"] == []
 
@@ -127,7 +130,6 @@ def test_full_rank_tuned_over_both_lrs_and_the_codecs_inherit_its_scale(monkeypa
     assert {sc for _, sc in grid} == {0.125, 0.25, 0.5, 1.0}   # extended twice past the upper edge: 0.5 inside
     report = {(r["method"], r["scale"]) for r, _ in done if r["phase"] == "report"}
     assert report == {("full_rank", 0.5), ("sr2_all", 0.5)}
-    import compare_report
     summary = compare_report.summarize(_rows(done), 1)
     assert summary[0]["best"] == (CENTRE * 4, 0.5) and summary[0]["edges"] == []
 
@@ -147,8 +149,6 @@ FULL = [4.000, 4.010, 3.990, 4.005, 3.995]
 
 
 def test_three_verdicts():
-    import compare_report
-    import compare_stats
 
     def verdict_of(deltas):
         rows = _report_rows("full_rank", FULL) + _report_rows("m", [a + d for a, d in zip(FULL, deltas)])
@@ -171,7 +171,6 @@ def test_three_verdicts():
 
 
 def _gates(rows):
-    import compare_report
     return compare_report.gates(compare_report.summarize(rows, 1))
 
 
@@ -217,7 +216,6 @@ def test_gate_b_galore_may_not_beat_full_rank_by_more_than_2_percent():
 
 
 def test_results_md_says_a_failed_gate_first_and_draws_no_verdict(tmp_path):
-    import compare_report
     from training.config import load_config
 
     facts = {"config": str(REPO / "configs/llama_tiny.json"), "preset": "cpu", "tokens": 614_400, "steps": 300,
@@ -245,7 +243,6 @@ def test_results_md_says_a_failed_gate_first_and_draws_no_verdict(tmp_path):
 
 
 def test_crossing_counts_only_pairs_beyond_the_seed_spread():
-    import compare_report
 
     def rows(method, curve_losses, finals):
         return [{"method": method, "label": method, "lr": 0.01, "scale": None, "seed": s, "phase": "report",
@@ -266,15 +263,15 @@ def test_every_method_is_a_valid_run_config(preset):
     value fails here, not an hour into a comparison)."""
     from training.config import load_config
 
-    args = compare_galore.parse_args(["--preset", preset, "--methods", ",".join(compare_galore.METHODS)])
-    plan = compare_galore.Plan(args)
+    args = compare_galore.parse_args(["--preset", preset, "--methods", ",".join(COMPARED)])
+    plan = sweep.Plan(args)
     for method in plan.methods:
         run = plan.run(method, plan.centre_lr(method), 0)
         cfg = load_config(plan.config, run["sets"])
         assert cfg.optim.lr == plan.centre_lr(method)
         if plan.lr_sweep:                  # a reported run is scored on the slice after the tuning slice
             assert cfg.data.val_skip_tokens == cfg.data.val_tokens
-        if compare_galore.inherits_scale(method):
+        if sweep.inherits_scale(method):
             scaled = load_config(plan.config, plan.run(method, 0.001, 1000, 0.5)["sets"])
             assert (scaled.optim.matrix_lr_scale, scaled.data.val_skip_tokens) == (0.5, 0)
 

@@ -76,8 +76,8 @@ def test_other_optimizers_run(tmp_path, name):
 @pytest.mark.parametrize("method", ["adamw8bit", "zero_offload"])
 def test_cheap_alternatives_train(tmp_path, method):
     """The cheaper alternatives new in the comparison (8-bit AdamW, ZeRO-Offload) train through
-    train_c4.py with the very overrides scripts/compare_galore.py gives them, and resume from a checkpoint."""
-    from compare_galore import METHODS
+    train_c4.py with the very overrides the comparison gives them (training/methods.py), and resume from a checkpoint."""
+    from training.methods import METHODS
 
     sets = METHODS[method].sets
     train(tmp_path / "run", *sets, "train.save_every=2", steps=2)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from training.config import apply_overrides, config_from_dict, load_config
-from training.plan import state_bytes
+from common.tensor_bytes import state_bytes
 from training.plan.fit import largest_micro_batch
-from training.plan.methods import METHODS
+from training.methods import PLANNED
 from training.plan.plan import method_config, plan_memory
 
 TINY = ["model.hidden_size=32", "model.intermediate_size=86", "model.num_hidden_layers=2",
@@ -31,7 +31,7 @@ def assert_same(fake: dict, real: dict):
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", PLANNED)
 def test_fake_step_equals_real_cpu_step(method, dtype):
     for batch in (1, 3):
         fake = plan_memory(tiny(), method, batch, 0, 1, dtype)
@@ -71,7 +71,7 @@ def test_parameter_and_optimizer_bytes_are_the_exact_tensor_counts(method, optim
         optimizer.step()
     assert plan["parts"]["parameters"] == sum(p.numel() * 4 for p in model.parameters()) + sum(
         b.untyped_storage().nbytes() for b in model.buffers())
-    assert plan["parts"]["optimizer_state"] == state_bytes(optimizer.state, set())
+    assert plan["parts"]["optimizer_state"] == state_bytes(optimizer.state)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -114,18 +114,8 @@ def test_largest_micro_batch_is_exact():
         assert largest_micro_batch(plan_at, gpu) == want, gpu
 
 
-def test_methods_match_compare_galore():
-    from compare_galore import METHODS as COMPARE
-
-    for name, (_, sets) in METHODS.items():
-        if name in COMPARE:
-            galore = "optim.name=galore_adamw" in sets
-            assert COMPARE[name].galore == galore, name
-            assert [s for s in sets if s != "optim.name=galore_adamw"] == COMPARE[name].sets, name
-
-
 def test_command_line_json(capsys):
-    from training.plan.cli import main
+    from training.commands.plan import main
 
     assert main(["--config", "configs/llama_tiny.json", "--methods", "full_rank,sr2_all", "--micro-batch", "2",
                  "--json", "--gpu-gb", "1"]) == 0
@@ -148,7 +138,7 @@ def test_command_line_json(capsys):
     (["--markdown"], "--markdown prints the largest micro-batch per GPU size: add --gpu-gb"),
 ])
 def test_bad_planner_input_gives_one_line_errors(capsys, argv, fragment):
-    from training.plan.cli import main
+    from training.commands.plan import main
 
     assert main(["--config", "configs/llama_tiny.json", *argv]) == 2
     err = capsys.readouterr().err.strip()

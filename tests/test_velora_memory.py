@@ -7,7 +7,7 @@ import torch
 from model import LlamaConfig, LlamaForCausalLM
 from velora import VeLoRAConfig, apply_velora
 from velora.memory import measure_step
-from velora_memory import main
+from training.commands.memory import main
 
 L, D, F, B, T = 2, 64, 172, 2, 16
 M = 8

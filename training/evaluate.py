@@ -1,13 +1,18 @@
 """Validation loss and perplexity: the token-weighted figure, and GaLore's figure beside it."""
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
 
 import torch
 
+from data import DataError
 from data.packing import predicted_tokens
+from data.sources import DOCUMENT_SUFFIXES
 
 from .collectives import all_reduce_values, world_size
+from .config import resolve_batch
 
 
 @torch.no_grad()
@@ -57,3 +62,54 @@ def evaluate(model: torch.nn.Module, batches) -> dict:
 
 def _exp(x: float) -> float:
     return math.exp(x) if x < 700 else math.inf
+
+
+def data_source(src: str) -> dict:
+    """--data value -> the DataConfig fields it sets."""
+    if src in ("c4", "builtin"):
+        return {"source": src, "path": ""}
+    path = Path(src)
+    if path.is_dir() or (path.is_file() and path.name.endswith(DOCUMENT_SUFFIXES)):
+        return {"source": "local", "path": str(path)}
+    raise DataError(f"--data {src}: expected c4, builtin, a directory of C4 shards or a file of documents "
+                    f"({', '.join(DOCUMENT_SUFFIXES)}), and no such file or directory exists")
+
+
+def eval_batch_size(run_config) -> int:
+    """The batch size the training run evaluated with: train.eval_batch_size, else the micro-batch
+    (which the saved config holds once resolved for the run's world size)."""
+    ds = run_config.deepspeed
+    return (run_config.train.eval_batch_size or ds.get("train_micro_batch_size_per_gpu")
+            or resolve_batch(ds, 1)[1])
+
+
+def evaluate_checkpoint(checkpoint, data: str, *, split: str = "validation", skip_tokens: int | None = None,
+                        max_tokens: int | None = None, seq_len: int | None = None, batch_size: int | None = None,
+                        device: str = "cpu", trust: bool = False, allow_nonfinite: bool = False) -> tuple[dict, dict]:
+    """Load `checkpoint` (final/, a run directory or a DeepSpeed checkpoint) and evaluate it on `data` (see
+    `data_source`). Unset options take the run's own settings, so the numbers equal the in-training
+    evaluation's. Returns (`evaluate`'s result, the settings used)."""
+    from data import validation_batches
+
+    from .hf import load_source, resolve_checkpoint
+
+    src = resolve_checkpoint(checkpoint)
+    model, run_config, tokenizer = load_source(src, device=device, trust=trust, allow_nonfinite=allow_nonfinite)
+    changes = data_source(data)
+    if skip_tokens is not None:
+        changes["val_skip_tokens"] = skip_tokens
+    if max_tokens:
+        changes["val_tokens"] = max_tokens
+    if seq_len:
+        if seq_len > run_config.model.max_sequence_length:
+            raise DataError(f"--seq-len {seq_len}: longer than the model's max_sequence_length "
+                            f"({run_config.model.max_sequence_length}); use at most that")
+        changes["seq_len"] = seq_len
+    data_cfg = dataclasses.replace(run_config.data, **changes)
+    batch_size = batch_size or eval_batch_size(run_config)
+    result = evaluate(model, validation_batches(data_cfg, tokenizer, batch_size, split=split))
+    used = {"checkpoint": str(src.dir), "format": src.kind, "data": data, "split": split,
+            "source": data_cfg.source, "path": data_cfg.path, "seq_len": data_cfg.seq_len,
+            "packing": data_cfg.packing, "val_tokens": data_cfg.val_tokens, "skip_tokens": data_cfg.val_skip_tokens,
+            "batch_size": batch_size, "device": device}
+    return result, used

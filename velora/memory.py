@@ -1,8 +1,8 @@
 """Activation accounting: the bytes autograd saves for backward in one training step, by category
 (the command line is scripts/velora_memory.py).
 
-Saved tensors are seen through `torch.autograd.graph.saved_tensors_hooks` and counted once per
-storage (q/k/v saving one tensor count it once; a view keeps its whole storage). Parameters and
+Saved tensors are seen through `torch.autograd.graph.saved_tensors_hooks` and counted by the house's
+one byte-count rule (common/tensor_bytes.py: each storage once, by identity). Parameters and
 buffers are not activations and are reported separately, with their gradients and AdamW's two fp32
 states. `measure_step` works on any model whose `forward(ids, labels=ids)` returns the loss (ours)
 or an object with `.loss` (transformers).
@@ -13,6 +13,8 @@ import contextlib
 
 import torch
 import torch.nn as nn
+
+from common.tensor_bytes import StorageCount, state_bytes
 
 from .config import PROJECTIONS
 
@@ -59,15 +61,13 @@ def _module_stack(model: nn.Module):
 def saved_bytes(model: nn.Module, step) -> dict:
     """Run `step()` (a training forward) and return {category: bytes saved for backward}, counting
     each storage once and leaving out the model's parameters and buffers."""
-    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    seen, totals = set(), dict.fromkeys(CATEGORIES, 0)
+    counted = StorageCount(list(model.parameters()) + list(model.buffers()))
+    totals = dict.fromkeys(CATEGORIES, 0)
     with _module_stack(model) as stack:
         def pack(t):
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
-            if key and key not in own and key not in seen:
-                seen.add(key)
-                totals[_category(stack, t)] += storage.nbytes()
+            n = counted.add(t)
+            if n:
+                totals[_category(stack, t)] += n
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -95,7 +95,7 @@ def measure_step(model: nn.Module, input_ids: torch.Tensor, autocast_dtype: torc
         "saved": saved,
         "saved_total": sum(saved.values()),
         "saved_activations": activations,
-        "parameters": sum(p.numel() * p.element_size() for p in params),
+        "parameters": state_bytes(params),
         "gradients": sum(p.numel() * p.element_size() for p in trainable),
         "optimizer_states": sum(2 * 4 * p.numel() for p in trainable),     # AdamW: exp_avg, exp_avg_sq
     }

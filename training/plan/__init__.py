@@ -1,13 +1,17 @@
 """The memory planner: the peak memory of one training step and its parts, from a fake-tensor run on CPU
-(`plan_memory`), and the exact tensor accounting it shares with the benchmarks (`state_bytes`)."""
-from .tensors import state_bytes
+(`plan_memory`), and the real-tensor measurements it is checked against (`build_and_measure`, `format_report`).
+Its bytes follow the house's one count rule (common/tensor_bytes.py)."""
 
-__all__ = ["plan_memory", "state_bytes"]
+DTYPES = ("bf16", "fp32")       # the compute dtypes a plan is made for (--dtype)
+__all__ = ["DTYPES", "build_and_measure", "format_report", "plan_memory"]
 
 
 def __getattr__(name: str):
-    # plan_memory pulls in the training stack: loaded on first use, so `--help` and state_bytes stay light
+    # both pull in the training stack: loaded on first use, so `--help` stays light
     if name == "plan_memory":
         from .plan import plan_memory
         return plan_memory
+    if name in ("build_and_measure", "format_report"):
+        from . import measure
+        return getattr(measure, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from ..config import RunConfig, apply_overrides, config_from_dict, load_config
 from common.errors import ConfigError, check_choice
+from ..methods import METHODS
+from . import DTYPES
 from .cuda import cuda_corrections
-from .methods import DTYPES, METHODS
 from .step import simulate
 from .zero import apply_zero, zero_settings
 
@@ -29,7 +30,7 @@ def method_config(run_config, method: str, micro_batch: int, zero_stage: int, wo
     sets = [f"deepspeed.zero_optimization.stage={zero_stage}", f"deepspeed.bf16.enabled={str(dtype == 'bf16').lower()}",
             f"deepspeed.train_micro_batch_size_per_gpu={micro_batch}",
             f"deepspeed.train_batch_size={micro_batch * world_size}", "deepspeed.gradient_accumulation_steps=1"]
-    sets += METHODS[method][1]
+    sets += METHODS[method].overrides()
     if isinstance(run_config, (str, Path)):
         return load_config(run_config, sets)
     return config_from_dict(apply_overrides(run_config.to_dict(), sets), run_config.source)
@@ -57,7 +58,7 @@ def plan_memory(run_config, method: str, micro_batch: int, zero_stage: int, worl
     top = max(reversed(phases), key=lambda p: p["peak_bytes"])       # a tie goes to the later phase
     cuda_peak = max(p["cuda_bytes"] for p in phases)
     return {
-        "method": method, "label": METHODS[method][0], "config": cfg.source, "micro_batch": micro_batch,
+        "method": method, "label": METHODS[method].label, "config": cfg.source, "micro_batch": micro_batch,
         "seq_len": cfg.data.seq_len, "dtype": dtype, "zero_stage": zs["stage"], "world_size": world_size,
         "offload": zs["offload"], "parameters": sim["n_params"],
         "peak_bytes": top["peak_bytes"], "peak_phase": top["name"], "parts": top["parts"],

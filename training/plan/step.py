@@ -22,7 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..build import build_model
 from ..optim import build_optimizer
-from .tensors import storages
+from common.tensor_bytes import storages
 from .tracker import MemoryTracker
 
 PHASES = ("forward", "backward", "optimizer")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from training import cli
+from .. import cli
 
 
 def export(argv) -> int:

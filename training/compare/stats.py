@@ -1,4 +1,4 @@
-"""What scripts/compare_galore.py's results allow one to say: paired t intervals over seeds, the three
+"""What the comparison's (scripts/compare_galore.py) results allow one to say: paired t intervals over seeds, the three
 verdicts, and the two gates that must pass before any verdict is drawn.
 
 A method is judged against its control (full-rank trained with the same lr recipe) by the per-seed

@@ -1,4 +1,4 @@
-"""The training regime of a scripts/compare_galore.py comparison, stated before any result: the model's
+"""The training regime of a comparison (scripts/compare_galore.py), stated before any result: the model's
 size, the tokens it saw against its parameters and the training data, the optimizer steps, and when each
 run left the unigram plateau (a small model first learns token frequencies, sits near that loss for a
 while, then learns context; a budget spent mostly on the plateau measures when a run escapes it, not

@@ -1,5 +1,5 @@
 """Bytes saved for backward in one training step of a run config's model, by category, deduplicated by
-storage (velora/memory.py), with exact parameter, gradient and AdamW state bytes.
+storage (velora/memory.py), with exact parameter, gradient and AdamW state bytes (training/plan/measure.py).
 
     python scripts/velora_memory.py --config configs/llama_60m.json --velora all --batch-size 1 --seq-len 256
     # or: velora-memory --config ...
@@ -10,40 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
-from model import LlamaForCausalLM
-from training import cli
-from training.config import load_config
 from common.errors import ConfigError
-from velora import apply_velora
 from velora.config import TARGET_PRESETS
-from velora.memory import measure_step
 
-
-def build_and_measure(model_cfg, velora_cfg, batch_size: int, seq_len: int, dtype: str = "fp32",
-                      seed: int = 0) -> dict:
-    """Build our LLaMA from `model_cfg` (model.LlamaConfig), apply VeLoRA, measure one step."""
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(model_cfg)
-    model, summary = apply_velora(model, velora_cfg)
-    ids = torch.randint(0, model_cfg.vocab_size, (batch_size, seq_len))
-    report = measure_step(model, ids, torch.bfloat16 if dtype == "bf16" else None)
-    report["velora_warnings"] = summary.warnings
-    return report
-
-
-def format_report(report: dict) -> str:
-    """A readable table of `measure_step`'s result."""
-    mib, tok = 2 ** 20, report["tokens"]
-    lines = [f"{'saved for backward':<22}{'MiB':>10}{'B/token':>10}"]
-    for cat, b in report["saved"].items():
-        lines.append(f"  {cat:<20}{b / mib:>10.2f}{b / tok:>10.0f}")
-    lines.append(f"  {'total':<20}{report['saved_total'] / mib:>10.2f}{report['saved_total'] / tok:>10.0f}")
-    for key in ("parameters", "gradients", "optimizer_states"):
-        lines.append(f"{key.replace('_', ' '):<22}{report[key] / mib:>10.2f}")
-    lines += [f"warning: {w}" for w in report.get("velora_warnings", [])]
-    return "\n".join(lines)
+from .. import cli
+from ..config import load_config
+from ..plan import build_and_measure, format_report
 
 
 def measure(argv) -> int:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from .. import cli
 from common.errors import ConfigError
-from .methods import DTYPES, METHODS
+from ..methods import METHODS, PLANNED
+from ..plan import DTYPES
 
 
 
@@ -42,7 +43,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog=cli.prog(), description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--config", required=True, nargs="+", help="run config JSON(s)")
-    p.add_argument("--methods", default="full_rank", help="comma-separated, or 'all': " + ", ".join(METHODS))
+    p.add_argument("--methods", default="full_rank", help="comma-separated, or 'all': " + ", ".join(PLANNED)
+                   + " (or any other of: " + ", ".join(m for m in METHODS if m not in PLANNED) + ")")
     p.add_argument("--micro-batch", default="", help="micro-batch(es) per GPU, e.g. 1,4 (default: the config's)")
     p.add_argument("--zero-stage", default="", help="ZeRO stage(s) 0-2, e.g. 0,2 (default: the config's)")
     p.add_argument("--world-size", type=int, default=1, help="GPUs (data-parallel ranks) sharing ZeRO's partitions")
@@ -68,8 +70,8 @@ def _table(plans: list) -> str:
 def plan_config(path: str, args, methods: list) -> tuple[dict, list]:
     """Every requested plan (and fit) for one config: (the JSON object, the plans in table order)."""
     from ..config import load_config
-    from .fit import fit_table              # the training stack, imported after --help has had its chance
-    from .plan import plan_memory
+    from ..plan.fit import fit_table              # the training stack, imported after --help has had its chance
+    from ..plan.plan import plan_memory
 
     cfg = load_config(path)
     stages = _ints(args.zero_stage, "--zero-stage") if args.zero_stage else [cfg.zero_stage]
@@ -100,13 +102,13 @@ def _markdown(results: list, methods: list) -> str:
     for m in methods:
         cells = [str(next(iter(out["largest_micro_batch"].values()))[m][gb]) for out in results
                  for gb in next(iter(out["largest_micro_batch"].values()))[m]]
-        lines.append(f"| {METHODS[m][0]} (`{m}`) | " + " | ".join(cells) + " |")
+        lines.append(f"| {METHODS[m].label} (`{m}`) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def run(argv) -> int:
     args = parse_args(argv)
-    methods = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = list(PLANNED) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         if m not in METHODS:
             raise ConfigError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)} (or 'all')")

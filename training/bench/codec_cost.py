@@ -1,4 +1,4 @@
-"""What the activation codecs cost: kernels, bytes moved and time (`bench_velora.py cost|kernels|qkv`).
+"""What the activation codecs cost: kernels, bytes moved and time (`scripts/bench_velora.py cost|kernels|qkv`).
 
 Kernels and bytes are counted with a TorchDispatchMode: every aten op that is not a view or an
 allocation is one kernel, reading its tensor arguments and writing its outputs (numel x element

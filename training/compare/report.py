@@ -1,7 +1,7 @@
 """The tables and the plot of scripts/compare_galore.py: results.csv (one row per run), results.md (the two
 gates first, the regime, then one row per method at its chosen lr: every reported seed's final loss, the
 paired verdict against its control on the report slice and on c4-heldout, whether the curves still cross)
-and plot.png. The statistics are compare_stats.py's, the regime block compare_regime.py's."""
+and plot.png. The statistics are stats.py's, the regime block regime.py's."""
 from __future__ import annotations
 
 import csv
@@ -11,8 +11,8 @@ import platform
 import statistics
 from pathlib import Path
 
-import compare_stats as stats
-from compare_regime import regime_lines
+from . import stats
+from .regime import regime_lines
 
 MIB = 2 ** 20
 # Published validation perplexities for the same model sizes (not ours): GaLore paper (Zhao et al.,

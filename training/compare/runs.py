@@ -1,4 +1,4 @@
-"""One run of scripts/compare_galore.py: start train_c4.py (or reuse an identical finished run), read what it
+"""One run of the comparison (scripts/compare_galore.py): start train_c4.py (or reuse an identical finished run), read what it
 logged, and score a reported run's final/ on ../shared/c4-heldout (scoring only)."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from common.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HELDOUT = REPO.parent / "shared" / "c4-heldout" / "c4-validation-heldout.json.gz"
 
 
