@@ -70,8 +70,7 @@ def _table(plans: list) -> str:
 def plan_config(path: str, args, methods: list) -> tuple[dict, list]:
     """Every requested plan (and fit) for one config: (the JSON object, the plans in table order)."""
     from ..config import load_config
-    from ..plan.fit import fit_table              # the training stack, imported after --help has had its chance
-    from ..plan.plan import plan_memory
+    from ..plan import fit_table, plan_memory     # the training stack, imported after --help has had its chance
 
     cfg = load_config(path)
     stages = _ints(args.zero_stage, "--zero-stage") if args.zero_stage else [cfg.zero_stage]

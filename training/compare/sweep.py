@@ -11,7 +11,7 @@ from pathlib import Path
 from common.errors import ConfigError
 from ..config import load_config, resolve_batch
 from ..methods import COMPARED, METHODS
-from ..plan.measure import measure_run
+from ..plan import measure_run
 from .presets import C4_SAMPLE, GALORE_LR, PRESETS, SP_32K
 from .report import point_means
 from .runs import execute, read_log, score_heldout

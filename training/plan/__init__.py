@@ -3,7 +3,7 @@
 Its bytes follow the house's one count rule (common/tensor_bytes.py)."""
 
 DTYPES = ("bf16", "fp32")       # the compute dtypes a plan is made for (--dtype)
-__all__ = ["DTYPES", "build_and_measure", "format_report", "plan_memory"]
+__all__ = ["DTYPES", "build_and_measure", "fit_table", "format_report", "measure_run", "plan_memory"]
 
 
 def __getattr__(name: str):
@@ -11,7 +11,10 @@ def __getattr__(name: str):
     if name == "plan_memory":
         from .plan import plan_memory
         return plan_memory
-    if name in ("build_and_measure", "format_report"):
+    if name == "fit_table":
+        from .fit import fit_table
+        return fit_table
+    if name in ("build_and_measure", "format_report", "measure_run"):
         from . import measure
         return getattr(measure, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
