@@ -160,3 +160,20 @@ def test_impossible_zero_settings_are_one_line_errors():
         plan_memory("configs/llama_tiny.json", "full_rank", 1, 5, 1, "fp32")
     with pytest.raises(ConfigError, match="offload_optimizer needs ZeRO stage 1 or 2; set deepspeed.zero_optimization.stage"):
         zero_settings({"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}})
+
+
+@pytest.mark.parametrize("method, sets, gbs", [("full_rank", [], [0.56, 0.58]), ("zero_offload", [], [1.54, 1.56]),
+                                               ("sr2_all_chunk", ["model.loss_chunk_size=48"], [0.56, 0.58])])
+def test_fit_answers_are_the_largest_that_fit(method, sets, gbs):
+    """fit_table's answer b fits and b + 1 does not, by planner runs at both: through the trace
+    extrapolation (full_rank, zero_offload) and through the search when the ops change with b (a loss
+    chunk of 48 tokens: one at b = 1 and 2, more from b = 4)."""
+    from training.plan.cuda import fits
+    from training.plan.fit import GIB, fit_table
+
+    cfg = tiny("data.seq_len=16", *sets)
+    table = fit_table(cfg, [method], gbs, 0, 1, "bf16")[method]
+    for gb, b in table.items():
+        assert 1 < b < 4096, (gb, b)
+        assert fits(plan_memory(cfg, method, b, 0, 1, "bf16"), int(gb * GIB))
+        assert not fits(plan_memory(cfg, method, b + 1, 0, 1, "bf16"), int(gb * GIB))

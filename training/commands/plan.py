@@ -70,7 +70,7 @@ def _table(plans: list) -> str:
 def plan_config(path: str, args, methods: list) -> tuple[dict, list]:
     """Every requested plan (and fit) for one config: (the JSON object, the plans in table order)."""
     from ..config import load_config
-    from ..plan import fit_table, plan_memory     # the training stack, imported after --help has had its chance
+    from ..plan import fit_table, plan_with_traces  # the training stack, imported after --help has had its chance
 
     cfg = load_config(path)
     stages = _ints(args.zero_stage, "--zero-stage") if args.zero_stage else [cfg.zero_stage]
@@ -79,15 +79,16 @@ def plan_config(path: str, args, methods: list) -> tuple[dict, list]:
     dtype = args.dtype or ("bf16" if cfg.bf16 else "fp32")
     out = {"config": path, "dtype": dtype, "world_size": args.world_size, "seq_len": cfg.data.seq_len,
            "predicted": "fake-tensor step on CPU; cuda.* adds the stated GPU corrections", "methods": {}}
-    plans = []
+    plans, known = [], {}
     for m in methods:
-        per = [plan_memory(cfg, m, b, z, args.world_size, dtype) for z in stages for b in batches]
+        for z in stages:
+            for b in batches:
+                known[m, z, b] = plan_with_traces(cfg, m, b, z, args.world_size, dtype)
+        per = [known[m, z, b][0] for z in stages for b in batches]
         plans += per
         out["methods"][m] = per[0] if len(per) == 1 else per
     if args.gpu_gb:
         gbs = _numbers(args.gpu_gb, "--gpu-gb")
-        known = {(p["method"], z, p["micro_batch"]): p for p, z in zip(plans, [z for _ in methods for z in stages
-                                                                                for _ in batches])}
         out["largest_micro_batch"] = {z: fit_table(cfg, methods, gbs, z, args.world_size, dtype, known)
                                       for z in stages}
     return out, plans

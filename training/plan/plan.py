@@ -38,23 +38,35 @@ def method_config(run_config, method: str, micro_batch: int, zero_stage: int, wo
 
 def plan_memory(run_config, method: str, micro_batch: int, zero_stage: int, world_size: int, dtype: str,
                 *, fake: bool = True) -> dict:
+    """See plan_with_traces, which returns this dict beside the phases' traces."""
+    return plan_with_traces(run_config, method, micro_batch, zero_stage, world_size, dtype, fake=fake)[0]
+
+
+def plan_with_traces(run_config, method: str, micro_batch: int, zero_stage: int, world_size: int, dtype: str,
+                     *, fake: bool = True) -> tuple[dict, list]:
     """Predict one training step's memory per GPU (`fake=False`: the same step on real CPU tensors, the
     planner's own check). Returns a JSON-ready dict: `peak_bytes` (the largest
     phase peak, as a CPU step counts it), `parts` (bytes by part at that peak), `peak_phase`, `host_bytes`
     (ZeRO-Offload's share in host memory), `saved_activations_total` (bytes the forward saves for
-    backward, velora.memory's count), `phases` and `cuda` (the GPU prediction and its corrections)."""
+    backward, velora.memory's count), `phases` and `cuda` (the GPU prediction and its corrections).
+    The traces, one per phase, are what fit.py extrapolates: {"raw": live bytes after each allocation,
+    "live": live storages then, "ops": the op that made it, "extra": what ZeRO's formulas and the CUDA
+    rounding add to the phase's peak}."""
     cfg = method_config(run_config, method, micro_batch, zero_stage, world_size, dtype)
     zs = zero_settings(cfg.deepspeed)
     sim_cfg = config_from_dict(apply_overrides(cfg.to_dict(), ["deepspeed.zero_optimization.stage=0"]), cfg.source)
     sim = simulate(sim_cfg, micro_batch, cfg.bf16, fake)
     elsize = sim["param_elsize"]
-    phases = []
+    phases, traces = [], []
     for ph in sim["phases"]:
         grads = max(p["parts"]["gradients"] for p in sim["phases"])
         raw = apply_zero({**ph, "parts": ph["parts"]}, zs, world_size, sim["n_params"], elsize, grads)
         cud = apply_zero({**ph, "parts": ph["cuda_parts"]}, zs, world_size, sim["n_params"], elsize, grads)
         phases.append({"name": ph["name"], "peak_bytes": sum(raw["parts"].values()), "parts": raw["parts"],
                        "host": raw["host"], "cuda_bytes": sum(cud["parts"].values())})
+        raw_bytes, _, live, ops = zip(*ph["trace"])
+        traces.append({"raw": raw_bytes, "live": live, "ops": ops,
+                       "extra": phases[-1]["cuda_bytes"] - ph["peak_cuda_bytes"]})
     top = max(reversed(phases), key=lambda p: p["peak_bytes"])       # a tie goes to the later phase
     cuda_peak = max(p["cuda_bytes"] for p in phases)
     return {
@@ -66,4 +78,4 @@ def plan_memory(run_config, method: str, micro_batch: int, zero_stage: int, worl
         "saved_activations_total": sim["saved_total"],
         "phases": [{"name": p["name"], "peak_bytes": p["peak_bytes"], "cuda_bytes": p["cuda_bytes"]} for p in phases],
         "cuda": cuda_corrections(cuda_peak),
-    }
+    }, traces

@@ -30,29 +30,45 @@ PHASES = ("forward", "backward", "optimizer")
 
 class _Parts:
     """The classify callback: which live storages are parameters, gradients, masters, optimizer state
-    and tensors saved for backward (the rest are temporaries)."""
+    and tensors saved for backward (the rest are temporaries). Called at every new peak, so it keeps
+    what it can: the weights' storages never change, the saved set is kept up to date by weak-reference
+    callbacks, and the optimizer's state is walked again only in an optimizer phase (where it grows)."""
 
     def __init__(self, model, masters: dict, optimizer):
         self.model, self.masters, self.optimizer = model, masters, optimizer
         self.params = list(model.parameters())
         self._fixed = None
-        self.saved: dict[int, weakref.ref] = {}
+        self._saved_refs: dict[int, weakref.ref] = {}
         self._state, self._state_step = set(), None
         self.phase = ""
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         st = t.untyped_storage()
-        ref = self.saved.get(id(st))
+        ref = self._saved_refs.get(id(st))
         if ref is None or ref() is not st:         # a new storage may reuse a freed one's id
-            self.saved[id(st)] = weakref.ref(st)
+            self._saved_refs[id(st)] = weakref.ref(st, lambda r, k=id(st): self._unsave(k, r))
         return t
 
-    def __call__(self, live: set) -> dict:
+    def _unsave(self, key: int, ref: weakref.ref) -> None:
+        if self._saved_refs.get(key) is ref:
+            del self._saved_refs[key]
+
+    def _state_storages(self) -> set:
+        """storages(optimizer.state)'s ids, with a fast path for the usual {param: {name: tensor}}."""
+        ids = set()
+        for per_param in self.optimizer.state.values():
+            if isinstance(per_param, dict) and all(isinstance(v, torch.Tensor) for v in per_param.values()):
+                ids.update(id(v.untyped_storage()) for v in per_param.values())
+            else:
+                ids.update(storages(per_param))
+        return ids
+
+    def __call__(self) -> dict:
         if self._fixed is None:                  # weights and masters keep their storages for the whole run
             self._fixed = {"parameters": set(storages(list(self.model.parameters()) + list(self.model.buffers()))),
                            "master_weights": set(storages(list(self.masters.values())))}
         if self.phase.endswith("optimizer") or self._state_step != self.phase:
-            self._state = set(storages(self.optimizer.state))
+            self._state = self._state_storages()
             self._state_step = self.phase
         return {
             "parameters": self._fixed["parameters"],
@@ -60,7 +76,7 @@ class _Parts:
             "master_weights": self._fixed["master_weights"],
             "master_gradients": {id(m.grad.untyped_storage()) for m in self.masters.values() if m.grad is not None},
             "optimizer_state": self._state,
-            "saved_activations": {k for k, r in self.saved.items() if r() is not None},
+            "saved_activations": set(self._saved_refs),
         }
 
 
@@ -101,8 +117,9 @@ def _optimizer_step(model, optimizer, masters: dict) -> None:
 def simulate(cfg, micro_batch: int, bf16: bool, fake: bool = True) -> dict:
     """Two training steps of `cfg`'s model (a ZeRO 0 RunConfig) on `micro_batch` sequences of data.seq_len
     tokens; the first one's forward and backward are skipped (see the module docstring). Returns
-    {"phases": [{name, peak_bytes, peak_cuda_bytes, parts, cuda_parts}], "saved_total": bytes the forward
-    saved for backward, "n_params", "param_elsize"}."""
+    {"phases": [{name, peak_bytes, peak_cuda_bytes, parts, cuda_parts, trace}], "saved_total": bytes the
+    forward saved for backward, "n_params", "param_elsize"}; a trace is the tracker's (live bytes, live
+    CUDA-rounded bytes, live storages, op) after each allocation of the phase."""
     if cfg.optim.name.startswith("galore") or cfg.optim.name == "adamw8bit":
         import bitsandbytes  # noqa: F401  (imported before tracking: an import makes module-level tensors)
     fake_mode = FakeTensorMode() if fake else contextlib.nullcontext()
@@ -136,10 +153,12 @@ def simulate(cfg, micro_batch: int, bf16: bool, fake: bool = True) -> dict:
         _phase(tracker, parts, "step2 optimizer")
         _optimizer_step(model, optimizer, masters)
         n_params = sum(p.numel() for p in model.parameters())
-    phases = [{"name": name, "peak_bytes": rec["peak_bytes"], "peak_cuda_bytes": rec["peak_cuda_bytes"],
-               "parts": {k: v[0] for k, v in rec["parts"].items()},
-               "cuda_parts": {k: v[1] for k, v in rec["parts"].items()}}
-              for name, rec in tracker.phases.items()]
+    phases = []
+    for name, rec in tracker.phases.items():
+        parts = tracker.phase_parts(name)
+        phases.append({"name": name, "peak_bytes": rec["peak_bytes"], "peak_cuda_bytes": rec["peak_cuda_bytes"],
+                       "parts": {k: v[0] for k, v in parts.items()}, "cuda_parts": {k: v[1] for k, v in parts.items()},
+                       "trace": rec["trace"]})
     return {"phases": phases, "saved_total": saved_total, "n_params": n_params, "param_elsize": 2 if bf16 else 4}
 
 

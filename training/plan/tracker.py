@@ -38,8 +38,13 @@ def host_value(t: torch.Tensor):
 class MemoryTracker(TorchDispatchMode):
     """Counts the bytes of live storages; `phase(name)` starts a phase whose peak is kept.
 
-    `classify(ids) -> {part: set of storage ids}` names the parts of the live storages at a new peak;
-    what it leaves out is reported as `temporaries`. Counts are raw bytes and CUDA-rounded bytes."""
+    `classify() -> {part: set of storage ids}` names the parts of the live storages at a new peak;
+    what it leaves out is reported as `temporaries`. Counts are raw bytes and CUDA-rounded bytes.
+
+    A new peak only takes a snapshot (the live sizes and classify's sets, which must be cheap: a phase
+    makes thousands of new peaks); `phase_parts` sums the last one. Each phase also keeps a trace: the
+    live bytes (raw, CUDA-rounded) and storages after every allocation, with the op that made it, so
+    that fit.py can extrapolate a whole step to other micro-batches."""
 
     def __init__(self, classify=None):
         super().__init__()
@@ -48,6 +53,7 @@ class MemoryTracker(TorchDispatchMode):
         self.classify = classify
         self.phases: dict[str, dict] = {}
         self.name = ""
+        self.op = None                            # the op whose outputs are being counted (None: a tensor made earlier)
 
     def add(self, t: torch.Tensor) -> None:
         """Count `t`'s storage if it is not counted yet (tensors made before the tracker started)."""
@@ -59,6 +65,9 @@ class MemoryTracker(TorchDispatchMode):
         self.live[key] = (weakref.ref(st, lambda _, k=key: self._free(k)), n, cuda_rounded(n))
         self.current += n
         self.current_cuda += cuda_rounded(n)
+        rec = self.phases.get(self.name)
+        if rec is not None:
+            rec["trace"].append((self.current, self.current_cuda, len(self.live), self.op))
         self._check_peak()
 
     def _free(self, key: int) -> None:
@@ -70,33 +79,46 @@ class MemoryTracker(TorchDispatchMode):
     def phase(self, name: str) -> None:
         """Start phase `name`: its peak starts at what is live now."""
         self.name = name
-        self.phases[name] = {"peak_bytes": -1}
+        self.phases[name] = {"peak_bytes": -1, "trace": [(self.current, self.current_cuda, len(self.live), None)]}
         self._check_peak()
 
     def _check_peak(self) -> None:
         rec = self.phases.get(self.name)
         if rec is None or self.current <= rec["peak_bytes"]:
             return
-        rec.update(peak_bytes=self.current, peak_cuda_bytes=self.current_cuda, parts=self.parts())
+        rec.update(peak_bytes=self.current, peak_cuda_bytes=self.current_cuda, snapshot=self._snapshot())
+
+    def _snapshot(self) -> tuple:
+        return dict(self.live), (self.classify() if self.classify else {})
 
     def parts(self) -> dict:
         """{part: (bytes, CUDA-rounded bytes)} of what is live now."""
-        live = set(self.live)
-        found = self.classify(live) if self.classify else {}
-        out, named = {}, set()
-        for part, ids in found.items():
-            ids = (ids & live) - named
-            named |= ids
-            out[part] = (sum(self.live[k][1] for k in ids), sum(self.live[k][2] for k in ids))
-        rest = live - named
-        out["temporaries"] = (sum(self.live[k][1] for k in rest), sum(self.live[k][2] for k in rest))
-        return out
+        return _sum_parts(*self._snapshot())
+
+    def phase_parts(self, name: str) -> dict:
+        """{part: (bytes, CUDA-rounded bytes)} at phase `name`'s peak."""
+        return _sum_parts(*self.phases[name]["snapshot"])
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
             return host_value(args[0])
         out = func(*args, **(kwargs or {}))
+        self.op = func
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.add(t)
+        self.op = None
         return out
+
+
+def _sum_parts(live: dict, found: dict) -> dict:
+    """Bytes by part of the `live` storages ({id: (ref, bytes, cuda bytes)}), each counted in the first
+    part of `found` that names it, the rest as temporaries."""
+    out, named, keys = {}, set(), set(live)
+    for part, ids in found.items():
+        ids = (ids & keys) - named
+        named |= ids
+        out[part] = (sum(live[k][1] for k in ids), sum(live[k][2] for k in ids))
+    rest = keys - named
+    out["temporaries"] = (sum(live[k][1] for k in rest), sum(live[k][2] for k in rest))
+    return out
