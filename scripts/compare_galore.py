@@ -120,7 +120,8 @@ class Preset:
     seeds: int = 1
     lr_sweep: bool = False
     lrs: dict = field(default_factory=dict)     # method -> lr (else GaLore's 0.01 or the config's optim.lr)
-    galore: dict = field(default_factory=dict)  # rank / update_proj_gap (default hidden/4, min(200, steps/50))
+    galore: dict = field(default_factory=dict)  # rank / update_proj_gap (default hidden/4, min(200, steps/50)),
+                                                # eps (default: optim.eps)
     jobs: int = 1
     evals: int = 4
     lr_points: int = 5               # initial points of each method's lr grid
@@ -165,7 +166,8 @@ PRESETS = {
         # what update-by-update parity showed the official codes do (scripts/reference_parity.py, issue 21)
         "data.add_bos=true", "data.pad_id=0", "velora.coef_dtype=float16", "velora.grad_scale=1.5"],
         ["full_rank", "velora_paper", "galore"], lrs={"full_rank": 1e-3, "velora_paper": 1e-3, "galore": 1e-2},
-        galore={"rank": 64, "update_proj_gap": 50}, evals=6),
+        # eps: galore_torch's GaLoreAdamW default, which the official script leaves (both of its groups)
+        galore={"rank": 64, "update_proj_gap": 50, "eps": 1e-6}, evals=6),
 }
 
 
@@ -233,6 +235,7 @@ class Plan:
         self.eval_every = max(1, math.ceil(self.steps / max(1, args.evals or pre.evals)))
         self.galore_gap = pre.galore.get("update_proj_gap", min(200, max(1, self.steps // 50)))
         self.galore_rank = pre.galore.get("rank", max(1, self.base.model.hidden_size // 4))
+        self.galore_eps = [f"optim.eps={pre.galore['eps']!r}"] if "eps" in pre.galore else []
         self.seeds = list(range(args.seeds or pre.seeds))
         self.lr_sweep = pre.lr_sweep if args.lr_sweep is None else args.lr_sweep
         self.lr_points = args.lr_points or pre.lr_points
@@ -288,7 +291,7 @@ class Plan:
         """One train_c4.py run; a reported seed (< TUNE_SEED0) is scored on the report slice of validation."""
         m = METHODS[method]
         opt = (["optim.name=galore_adamw", f"optim.galore_rank={self.galore_rank}",
-                f"optim.galore_update_proj_gap={self.galore_gap}", "optim.galore_scale=0.25"]
+                f"optim.galore_update_proj_gap={self.galore_gap}", "optim.galore_scale=0.25", *self.galore_eps]
                if m.galore else ["optim.name=adamw"])
         tune = seed >= TUNE_SEED0
         name = (method + (f"_lr{lr:.4g}" if self.lr_sweep else "") + ("" if scale is None else f"_m{scale:g}")
