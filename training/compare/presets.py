@@ -28,7 +28,8 @@ class Preset:
     seeds: int = 1
     lr_sweep: bool = False
     lrs: dict = field(default_factory=dict)     # method -> lr (else GaLore's 0.01 or the config's optim.lr)
-    galore: dict = field(default_factory=dict)  # rank / update_proj_gap (default hidden/4, min(200, steps/50))
+    galore: dict = field(default_factory=dict)  # rank / update_proj_gap (default hidden/4, min(200, steps/50)),
+                                                # eps (default: optim.eps)
     jobs: int = 1
     evals: int = 4
     lr_points: int = 5               # initial points of each method's lr grid
@@ -73,5 +74,6 @@ PRESETS = {
         # what update-by-update parity showed the official codes do (scripts/reference_parity.py, issue 21)
         "data.add_bos=true", "data.pad_id=0", "velora.coef_dtype=float16", "velora.grad_scale=1.5"],
         ["full_rank", "velora_paper", "galore"], lrs={"full_rank": 1e-3, "velora_paper": 1e-3, "galore": 1e-2},
-        galore={"rank": 64, "update_proj_gap": 50}, evals=6),
+        # eps: galore_torch's GaLoreAdamW default, which the official script leaves (both of its groups)
+        galore={"rank": 64, "update_proj_gap": 50, "eps": 1e-6}, evals=6),
 }

@@ -46,6 +46,7 @@ class Plan:
         self.eval_every = max(1, math.ceil(self.steps / max(1, args.evals or pre.evals)))
         self.galore_gap = pre.galore.get("update_proj_gap", min(200, max(1, self.steps // 50)))
         self.galore_rank = pre.galore.get("rank", max(1, self.base.model.hidden_size // 4))
+        self.galore_eps = [f"optim.eps={pre.galore['eps']!r}"] if "eps" in pre.galore else []
         self.seeds = list(range(args.seeds or pre.seeds))
         self.lr_sweep = pre.lr_sweep if args.lr_sweep is None else args.lr_sweep
         self.lr_points = args.lr_points or pre.lr_points
@@ -101,7 +102,7 @@ class Plan:
         """One train_c4.py run; a reported seed (< TUNE_SEED0) is scored on the report slice of validation."""
         m = METHODS[method]
         opt = (["optim.name=galore_adamw", f"optim.galore_rank={self.galore_rank}",
-                f"optim.galore_update_proj_gap={self.galore_gap}", "optim.galore_scale=0.25"]
+                f"optim.galore_update_proj_gap={self.galore_gap}", "optim.galore_scale=0.25", *self.galore_eps]
                if m.galore else ["optim.name=adamw"])
         tune = seed >= TUNE_SEED0
         name = (method + (f"_lr{lr:.4g}" if self.lr_sweep else "") + ("" if scale is None else f"_m{scale:g}")
