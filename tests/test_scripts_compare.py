@@ -15,7 +15,7 @@ from training.compare import presets, sweep
 from training.compare import report as compare_report
 from training.compare import runs as compare_runs
 from training.compare import stats as compare_stats
-from training.methods import COMPARED
+from training.methods import COMPARED, METHODS
 
 # a 2-step budget on a 32-wide model (the quick preset's data and methods)
 SMALL = ["--quick", "--tokens", "512", "--evals", "1", "--jobs", "2", "--measure-batch", "2",
@@ -280,7 +280,7 @@ def test_sr2_hybrid_method_is_the_velora_setting_of_that_name():
     """One thing, one name: the comparison's hybrid runs exactly `velora.setting=sr2_hybrid`."""
     from training.config import load_config
 
-    velora = load_config("configs/llama_tiny.json", compare_galore.METHODS["sr2_hybrid"].sets).velora
+    velora = load_config("configs/llama_tiny.json", METHODS["sr2_hybrid"].sets).velora
     assert velora.setting == "sr2_hybrid"
     assert {p: velora.codec_for(p) for p in velora.target_list} == {
         "q_proj": "sr2", "k_proj": "sr2", "v_proj": "sr2", "gate_proj": "sr2", "up_proj": "sr2", "down_proj": "velora"}
