@@ -24,10 +24,10 @@ def test_pip_install_editable_into_a_fresh_venv_with_only_torch(tmp_path):
     torch_version = __import__("torch").__version__.split("+")[0]
     pip(f"torch=={torch_version}")                      # first, as scripts/setup.sh does (no CUDA build)
     pip("-e", str(REPO))
-    code = ("import velora, torch; from velora import VeLoRAConfig, apply_velora; "
-            "m = torch.nn.Sequential(); print(velora.__version__)")
+    code = ("import common, velora, torch; from velora import VeLoRAConfig, apply_velora; "
+            "m = torch.nn.Sequential(); print(common.__version__)")
     p = subprocess.run([str(py), "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert p.returncode == 0 and p.stdout.strip() == __import__("velora").__version__, p.stderr[-3000:]
+    assert p.returncode == 0 and p.stdout.strip() == __import__("common").__version__, p.stderr[-3000:]
     p = subprocess.run([str(py), "-c", "import deepspeed"], capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode != 0                            # really only torch: the training extra is not installed
     for name in CONSOLE_SCRIPTS:

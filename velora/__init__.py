@@ -4,8 +4,6 @@
 """
 from .config import CODECS, VeLoRAConfig
 
-__version__ = "0.2.0"     # the project's version (pyproject.toml reads it from here)
-
 _LAZY = {"VeLoRASummary": "apply", "apply_velora": "apply", "is_codec_state": "apply", "stored_bytes": "apply",
          "strip_state_dict": "apply", "Codec": "codecs", "SubTokenBasis": "codecs", "CompressedLinear": "layer"}
 __all__ = ["CODECS", "VeLoRAConfig", *_LAZY]

@@ -10,13 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 
 from .. import cli
 from common.errors import ConfigError
 from ..methods import METHODS, PLANNED
-from ..plan import DTYPES
-
+from ..plan import DTYPES, fit_markdown, parts_table
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -56,56 +54,6 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def _table(plans: list) -> str:
-    keys = sorted({k for p in plans for k in p["parts"]}, key=lambda k: list(plans[0]["parts"]).index(k)
-                  if k in plans[0]["parts"] else 99)
-    head = ["method", "ZeRO", "batch", "peak MiB", "GPU alloc MiB", "host MiB"] + [k.replace("_", " ") for k in keys]
-    rows = [[p["method"], str(p["zero_stage"]), str(p["micro_batch"]), f"{p['peak_bytes'] / 2**20:.1f}",
-             f"{p['cuda']['max_memory_allocated'] / 2**20:.1f}", f"{p['host_bytes'] / 2**20:.1f}"]
-            + [f"{p['parts'].get(k, 0) / 2**20:.1f}" for k in keys] for p in plans]
-    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head] + rows)
-
-
-def plan_config(path: str, args, methods: list) -> tuple[dict, list]:
-    """Every requested plan (and fit) for one config: (the JSON object, the plans in table order)."""
-    from ..config import load_config
-    from ..plan import fit_table, plan_with_traces  # the training stack, imported after --help has had its chance
-
-    cfg = load_config(path)
-    stages = _ints(args.zero_stage, "--zero-stage") if args.zero_stage else [cfg.zero_stage]
-    batches = _ints(args.micro_batch, "--micro-batch") if args.micro_batch else [
-        cfg.deepspeed.get("train_micro_batch_size_per_gpu", 1)]
-    dtype = args.dtype or ("bf16" if cfg.bf16 else "fp32")
-    out = {"config": path, "dtype": dtype, "world_size": args.world_size, "seq_len": cfg.data.seq_len,
-           "predicted": "fake-tensor step on CPU; cuda.* adds the stated GPU corrections", "methods": {}}
-    plans, known = [], {}
-    for m in methods:
-        for z in stages:
-            for b in batches:
-                known[m, z, b] = plan_with_traces(cfg, m, b, z, args.world_size, dtype)
-        per = [known[m, z, b][0] for z in stages for b in batches]
-        plans += per
-        out["methods"][m] = per[0] if len(per) == 1 else per
-    if args.gpu_gb:
-        gbs = _numbers(args.gpu_gb, "--gpu-gb")
-        out["largest_micro_batch"] = {z: fit_table(cfg, methods, gbs, z, args.world_size, dtype, known)
-                                      for z in stages}
-    return out, plans
-
-
-def _markdown(results: list, methods: list) -> str:
-    """One row per method, one column per (config, GPU size): the largest micro-batch (first ZeRO stage)."""
-    cols = [(out["config"], gb) for out in results for gb in next(iter(out["largest_micro_batch"].values()))[methods[0]]]
-    lines = ["| method | " + " | ".join(f"{Path(c).stem.removeprefix('llama_')} {gb:g} GiB" for c, gb in cols) + " |",
-             "|---|" + "---:|" * len(cols)]
-    for m in methods:
-        cells = [str(next(iter(out["largest_micro_batch"].values()))[m][gb]) for out in results
-                 for gb in next(iter(out["largest_micro_batch"].values()))[m]]
-        lines.append(f"| {METHODS[m].label} (`{m}`) | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def run(argv) -> int:
     args = parse_args(argv)
     methods = list(PLANNED) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -114,16 +62,20 @@ def run(argv) -> int:
             raise ConfigError(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)} (or 'all')")
     if args.markdown and not args.gpu_gb:
         raise ConfigError("--markdown prints the largest micro-batch per GPU size: add --gpu-gb, e.g. --gpu-gb 24,40,80")
-    results = [plan_config(path, args, methods) for path in args.config]
+    from ..plan import plan_config          # the training stack, imported after --help has had its chance
+    stages = _ints(args.zero_stage, "--zero-stage") if args.zero_stage else None
+    batches = _ints(args.micro_batch, "--micro-batch") if args.micro_batch else None
+    gbs = _numbers(args.gpu_gb, "--gpu-gb") if args.gpu_gb else None
+    results = [plan_config(path, methods, stages, batches, args.world_size, args.dtype, gbs) for path in args.config]
     if args.json:
         print(json.dumps(results[0][0] if len(results) == 1 else {"configs": [out for out, _ in results]}))
         return 0
     if args.markdown:
-        print(_markdown([out for out, _ in results], methods))
+        print(fit_markdown([out for out, _ in results], methods))
         return 0
     for out, plans in results:
         print(f"PREDICTED (fake-tensor step on CPU): {out['config']}, seq {out['seq_len']}, {out['dtype']}, "
-              f"world size {args.world_size}\n" + _table(plans))
+              f"world size {args.world_size}\n" + parts_table(plans))
         for z, table in out.get("largest_micro_batch", {}).items():
             print(f"\nlargest micro-batch that fits, ZeRO {z} (0 = not even 1):")
             for m, row in table.items():

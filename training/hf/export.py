@@ -150,9 +150,9 @@ def export_lock(out_dir: Path) -> FileLock:
 
 def export_metadata(run_config, progress: dict) -> dict:
     """The safetensors header's metadata (strings only): where the weights come from."""
-    import velora
+    import common
     digest = hashlib.sha256(json.dumps(run_config.to_dict(), sort_keys=True).encode()).hexdigest()
-    return {"format": "pt", "project": "velora-pretrain", "project_version": velora.__version__,
+    return {"format": "pt", "project": "velora-pretrain", "project_version": common.__version__,
             "run_config_sha256": digest, **{k: str(v) for k, v in progress.items()}}
 
 

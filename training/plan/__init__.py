@@ -3,14 +3,18 @@
 Its bytes follow the house's one count rule (common/tensor_bytes.py)."""
 
 DTYPES = ("bf16", "fp32")       # the compute dtypes a plan is made for (--dtype)
-__all__ = ["DTYPES", "build_and_measure", "fit_table", "format_report", "measure_run", "plan_memory", "plan_with_traces"]
+__all__ = ["DTYPES", "build_and_measure", "fit_markdown", "fit_table", "format_report", "measure_run", "parts_table",
+           "plan_config", "plan_memory", "plan_with_traces"]
 
 
 def __getattr__(name: str):
-    # both pull in the training stack: loaded on first use, so `--help` stays light
+    # most pull in the training stack: loaded on first use, so `--help` stays light
     if name in ("plan_memory", "plan_with_traces"):
         from . import plan
         return getattr(plan, name)
+    if name in ("fit_markdown", "parts_table", "plan_config"):
+        from . import report
+        return getattr(report, name)
     if name == "fit_table":
         from .fit import fit_table
         return fit_table
