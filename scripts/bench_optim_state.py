@@ -18,12 +18,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from training.distributed import free_port  # noqa: E402
+from training.distributed import free_port, spawn_local  # noqa: E402
 from common.tensor_bytes import state_bytes  # noqa: E402
 
 MIB = 2 ** 20
@@ -70,7 +69,7 @@ def measure_all(args, out: Path) -> dict:
     found = {}
     for stage in args.stages:
         world = 1 if stage == 0 else args.world
-        mp.spawn(_worker, args=(world, stage, free_port(), args, out), nprocs=world, join=True)
+        spawn_local(_worker, (world, stage, free_port(), args, out), nprocs=world)
         ranks = [torch.load(out / f"stage{stage}_rank{r}.pt") for r in range(world)]
         for name in args.optimizers:
             found[(name, stage)] = [r[name] for r in ranks]

@@ -12,7 +12,7 @@ import pytest
 
 from data import DataConfig, TrainBatches
 from data.builtin import write_shard
-from training.distributed import free_port  # noqa: F401  (re-exported for the tests)
+from training.distributed import free_port, spawn_local  # noqa: F401  (re-exported for the tests)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

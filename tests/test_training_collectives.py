@@ -8,9 +8,8 @@ import ast
 import os
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, spawn_local
 from training import collectives
 
 SCANNED = ["training", "data", "velora", "model", "scripts", "train_c4.py"]
@@ -189,7 +188,7 @@ def _zero_worker(rank, world, port, out):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_zero_optimizers_hand_collectives_no_host_tensor(tmp_path):
-    mp.spawn(_zero_worker, args=(2, free_port(), tmp_path), nprocs=2, join=True)
+    spawn_local(_zero_worker, (2, free_port(), tmp_path), nprocs=2)
     for rank in range(2):
         results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         assert len(results) == 9

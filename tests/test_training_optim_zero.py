@@ -13,9 +13,8 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import free_port
+from conftest import free_port, spawn_local
 
 STEPS, RESUME_AT, BATCH, SEQ, VOCAB = 20, 10, 4, 32, 256
 SMALL = ["model.hidden_size=64", "model.intermediate_size=160", "model.num_hidden_layers=3",
@@ -139,7 +138,7 @@ def _worker(rank, world, port, out, cases):
 
 
 def _spawn(tmp_path, world, cases):
-    mp.spawn(_worker, args=(world, free_port(), tmp_path, cases), nprocs=world, join=True)
+    spawn_local(_worker, (world, free_port(), tmp_path, cases), nprocs=world)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 

@@ -3,9 +3,9 @@ first: velora's v, pca's principal directions), while the random codecs draw dif
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from conftest import spawn_local
 from velora_helpers import compressed
 
 
@@ -34,7 +34,7 @@ def _worker(rank, init_file, out_dir):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_ranks_with_different_batches_agree_on_v(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    spawn_local(_worker, (str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     s0, s1 = (torch.load(tmp_path / f"v{r}.pt", weights_only=True) for r in (0, 1))
     v0, v1 = s0["v"], s1["v"]
     for a, b in zip(v0, v1):

@@ -40,6 +40,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_local(worker, args: tuple, nprocs: int) -> None:
+    """Run `worker(rank, *args)` on `nprocs` local processes (tests and benchmarks); raises if any fails.
+
+    Each process that returns leaves through os._exit: a gloo process group that DeepSpeed still holds after
+    destroy_process_group is torn down during interpreter finalization, where its worker threads can abort the
+    finished process with SIGABRT (seen once in CI; pytorch/pytorch#179291 describes the mechanism)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_run_then_exit, args=(worker, args), nprocs=nprocs, join=True)
+
+
+def _run_then_exit(rank: int, worker, args: tuple) -> None:
+    worker(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 LAUNCH_FIX = ("start the run through a launcher (torchrun --nproc_per_node N, or deepspeed), which sets all of "
               "RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, or unset them for a one-process run")
