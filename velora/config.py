@@ -25,11 +25,10 @@ RANKED_CODECS = ("velora", "rademacher", "gaussian")
 CODECS = ("velora", "sr2", "sr4", "sr8", "rademacher", "gaussian", "pca")
 COEF_DTYPES = ("compute", "int8", "float16")
 INIT_RULES = ("batch_average_once", "batch_average", "random")
-# Named settings (`velora.setting`): targets and codecs in one word. `sr2_all` is the recommended one
-# (every input but o_proj's kept at 2 bits with stochastic rounding: unbiased, full-rank weight gradients);
-# with GaLore's lr split it matched full-rank trained the same way (docs/BENCHMARKS.md, "Codecs vs VeLoRA
-# vs GaLore vs full-rank"). `sr2_hybrid` keeps down_proj's MLP-wide input as VeLoRA coefficients instead
-# (slightly less memory, worse perplexity there).
+# Named settings (`velora.setting`): targets and codecs in one word. `sr2_all` keeps every input but
+# o_proj's at 2 bits with stochastic rounding (unbiased, full-rank weight gradients); `sr2_hybrid` keeps
+# down_proj's MLP-wide input as VeLoRA coefficients instead (slightly less memory). What each costs in
+# perplexity, with intervals: docs/BENCHMARKS.md, "The redesigned cpu comparison".
 SETTINGS = {"sr2_all": {"targets": "all", "codec": "sr2"},
             "sr2_hybrid": {"targets": "all", "codec": "sr2", "codec_overrides": {"down_proj": "velora"}}}
 
