@@ -32,6 +32,15 @@ def test_default_sub_token_size_of_every_projection(config):
     assert got == PAPER_M[config]
 
 
+def test_the_130m_config_carries_the_official_130m_grouping():
+    """The official VeLoRA llama_130m script uses `--num_groups 64,64`, not 60m's 64,86: down_proj's M is
+    2048 / 64 = 32 (the default rule would give 24); configs/llama_130m.json says so."""
+    with open("configs/llama_130m.json") as f:
+        section = json.load(f)["velora"]
+    cfg = VeLoRAConfig(**{**section, "targets": "all"})
+    assert cfg.sub_token_for("q_proj", 768) == 12 and cfg.sub_token_for("down_proj", 2048) == 32
+
+
 def _model_config(path: str) -> LlamaConfig:
     with open(path) as f:
         return LlamaConfig.from_dict(json.load(f)["model"])
