@@ -14,7 +14,8 @@ TARGET_PRESETS = {"none": (), "paper": ("v_proj", "down_proj"),
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # The official script's grouping (sub_token_size 0), the one default M of every codec: a fixed number of
 # sub-tokens per input, 64 for attention-width inputs and 86 for the MLP width: the official VeLoRA llama_60m
-# run's `--num_groups 64,86` (M = 8 and 16 there; tests/test_velora_config.py pins it).
+# run's `--num_groups 64,86` (M = 8 and 16 there; tests/test_velora_config.py pins it). The official 130m
+# run uses 64,64; configs/llama_130m.json says so with a down_proj override.
 PAPER_SUB_TOKENS = {"down_proj": 86}
 PAPER_SUB_TOKENS_DEFAULT = 64
 # Codecs that keep r numbers per sub-token of size M, so r <= M.
