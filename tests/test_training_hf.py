@@ -218,20 +218,17 @@ def test_truncated_safetensors(setup, tmp_path):
 def test_config_weights_mismatch(setup, tmp_path):
     final = copy_final(setup, tmp_path)
     raw = json.loads((final / "run_config.json").read_text())
-    raw["model"]["intermediate_size"] = 96
-    (final / "run_config.json").write_text(json.dumps(raw))
-    write_manifest(final)        # consistent files that do not fit together: the checks behind the manifest's
-    with pytest.raises(CheckpointError) as e:
-        load_model(final)
-    one_line(e, final / "model.safetensors", "shape mismatch", "mlp.gate_proj.weight")
 
-    raw["model"]["intermediate_size"] = 64
-    raw["model"]["num_hidden_layers"] = 3
-    (final / "run_config.json").write_text(json.dumps(raw))
-    write_manifest(final)        # consistent files that do not fit together: the checks behind the manifest's
-    with pytest.raises(CheckpointError) as e:
-        load_model(final)
-    one_line(e, final / "model.safetensors", "missing tensor", "model.layers.2.")
+    def refused(model_changes: dict, *expected: str) -> None:
+        raw["model"].update(model_changes)
+        (final / "run_config.json").write_text(json.dumps(raw))
+        write_manifest(final)    # files the manifest accepts that do not fit together: the load checks catch it
+        with pytest.raises(CheckpointError) as e:
+            load_model(final)
+        one_line(e, final / "model.safetensors", *expected)
+
+    refused({"intermediate_size": 96}, "shape mismatch", "mlp.gate_proj.weight")
+    refused({"intermediate_size": 64, "num_hidden_layers": 3}, "missing tensor", "model.layers.2.")
 
 
 def test_unexpected_tensor(setup, tmp_path):
